@@ -1,0 +1,323 @@
+"""Mechanism-concept alignment: the neuron encoder E_n and its contrastive training.
+
+For image i with pooled activations a_i, CLIP image embedding E_i(x_i) and the text embedding
+E_c(c_i) of the label the model *predicted*, MiClip trains E_n to minimise
+
+    L = InfoNCE_sym(E_n(a), E_c(c_pred)) + InfoNCE_sym(E_n(a), E_i(x))
+
+with open_clip's ``ClipLoss`` and one learnable temperature per term. Activations are standardised
+with statistics computed on the training rows and stored inside the encoder (so it takes raw
+activations). Training streams mini-batches from an :class:`~miclip_nb.store.ActivationStore`;
+a deterministic hash of the row index holds out a validation split for early stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .store import ActivationStore, acts_field
+
+ENCODER_SCHEMA_VERSION = 1
+
+
+class EncoderMismatchError(ValueError):
+    """An encoder applied to activations of another model, layer or pooling than it was trained on."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Architecture of a neuron encoder."""
+
+    n_units: int  # U, input size (neurons or SAE features)
+    embed_dim: int  # D, the CLIP embedding size
+    kind: str = "linear"  # "linear" or "mlp"
+    hidden: int = 512  # hidden width of the MLP option
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "mlp"):
+            raise ValueError(f"kind must be 'linear' or 'mlp', got {self.kind!r}")
+        if self.n_units <= 0 or self.embed_dim <= 0 or self.hidden <= 0:
+            raise ValueError("n_units, embed_dim and hidden must be positive")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """How to train the alignment."""
+
+    kind: str = "linear"  # encoder architecture, see EncoderConfig
+    hidden: int = 512  # MLP hidden width
+    epochs: int = 30  # maximum passes over the training rows
+    batch_size: int = 256  # rows per contrastive batch
+    lr: float = 3e-3  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    val_fraction: float = 0.1  # share of rows held out (by a hash of the row index)
+    patience: int = 5  # epochs without validation improvement before stopping
+    concept_weight: float = 1.0  # weight of the neuron-concept (predicted label) term
+    image_weight: float = 1.0  # weight of the neuron-image term
+    init_temperature: float = 0.07  # initial temperature of both terms (as CLIP)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError("val_fraction must be in (0, 0.5)")
+        if self.epochs <= 0 or self.batch_size < 2:
+            raise ValueError("epochs must be positive and batch_size at least 2")
+        if self.concept_weight < 0 or self.image_weight < 0 or self.concept_weight + self.image_weight == 0:
+            raise ValueError("loss weights must be non-negative and not both zero")
+
+
+class NeuronEncoder(nn.Module):
+    """E_n: raw activations (N, U) -> embeddings (N, D) (not normalised; the loss normalises).
+
+    Holds the standardisation statistics as buffers and the provenance of its training data in
+    ``meta`` (model fingerprint, layer, pooling), checked by :meth:`check_compatible`.
+    """
+
+    def __init__(self, config: EncoderConfig, meta: dict | None = None):
+        super().__init__()
+        self.config = config
+        self.meta = dict(meta or {})
+        self.register_buffer("act_mean", torch.zeros(config.n_units))
+        self.register_buffer("act_std", torch.ones(config.n_units))
+        self.register_buffer("constant_mask", torch.zeros(config.n_units, dtype=torch.bool))
+        if config.kind == "linear":
+            self.net = nn.Linear(config.n_units, config.embed_dim)
+        else:
+            self.net = nn.Sequential(nn.Linear(config.n_units, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.embed_dim))
+
+    def forward(self, acts_nu: torch.Tensor) -> torch.Tensor:
+        if acts_nu.shape[-1] != self.config.n_units:
+            raise EncoderMismatchError(f"encoder expects {self.config.n_units} units, got activations with {acts_nu.shape[-1]}")
+        return self.net((acts_nu - self.act_mean) / self.act_std)
+
+    @property
+    def constant_units(self) -> torch.Tensor:
+        """Indices of units that never varied in training (their embeddings are zero)."""
+        return torch.nonzero(self.constant_mask).flatten()
+
+    def check_compatible(self, model: str | None = None, layer: str | None = None, pooling: str | None = None) -> None:
+        """Raise EncoderMismatchError unless the given provenance (a TargetModel/store model
+        fingerprint, a layer name, a pooling) matches what the encoder was trained on. Arguments
+        left None are not checked."""
+        for key, value in {"model": model, "layer": layer, "pooling": pooling}.items():
+            if value is not None and self.meta.get(key) is not None and value != self.meta[key]:
+                raise EncoderMismatchError(
+                    f"encoder was trained on {key}={self.meta[key]!r}, these activations come from {key}={value!r}"
+                )
+
+
+def _val_mask(rows: torch.Tensor, val_fraction: float, seed: int) -> torch.Tensor:
+    """Deterministic held-out membership of global row indices (a multiplicative hash)."""
+    h = (rows * 2654435761 + seed * 97531) % 4294967296
+    return h < int(val_fraction * 4294967296)
+
+
+@torch.no_grad()
+def _streaming_stats(store: ActivationStore, field_name: str, rows_mask_fn) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean and std of a field over training rows, one shard at a time (float64 sums)."""
+    total, total_sq, count, offset = None, None, 0, 0
+    for shard in store.iter_shards([field_name]):
+        x = shard[field_name].double()
+        if not torch.isfinite(x).all():
+            raise ValueError(f"activations in {store.dir} contain NaN or inf; check the model and layer")
+        keep = ~rows_mask_fn(torch.arange(offset, offset + x.shape[0]))
+        offset += x.shape[0]
+        x = x[keep]
+        total = x.sum(0) if total is None else total + x.sum(0)
+        total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
+        count += x.shape[0]
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0)
+    return mean.float(), var.sqrt().float(), count
+
+
+class _Temperatures(nn.Module):
+    def __init__(self, init: float):
+        super().__init__()
+        self.concept = nn.Parameter(torch.tensor(math.log(1 / init)))
+        self.image = nn.Parameter(torch.tensor(math.log(1 / init)))
+
+
+def alignment_loss(unit_emb: torch.Tensor, text_emb: torch.Tensor, image_emb: torch.Tensor, temps: _Temperatures,
+                   concept_weight: float = 1.0, image_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The MiClip loss for one batch: weighted sum of two symmetric InfoNCE terms (open_clip ClipLoss).
+
+    unit_emb: (B, D) encoder outputs; text_emb: (B, D) text embeddings of the predicted labels;
+    image_emb: (B, D) CLIP image embeddings. Returns (loss, {"concept": .., "image": ..}).
+    """
+    from open_clip.loss import ClipLoss
+
+    clip_loss = ClipLoss()
+    z = F.normalize(unit_emb.float(), dim=-1)
+    concept = clip_loss(z, F.normalize(text_emb.float(), dim=-1), temps.concept.clamp(max=math.log(100)).exp())
+    image = clip_loss(z, F.normalize(image_emb.float(), dim=-1), temps.image.clamp(max=math.log(100)).exp())
+    return concept_weight * concept + image_weight * image, {"concept": concept.item(), "image": image.item()}
+
+
+def train_encoder(
+    store: ActivationStore,
+    class_text_emb_cd: torch.Tensor,
+    *,
+    layer: str | None = None,
+    config: AlignConfig = AlignConfig(),
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[NeuronEncoder, dict]:
+    """Train a neuron encoder on one layer of a store.
+
+    store: complete, with ``clip_image`` and ``pred`` fields; class_text_emb_cd: (C, D) text
+    embeddings of the classes (row = class index, as the model predicts); layer: which captured
+    layer (default: the store's first). Returns (encoder in eval mode on CPU, history dict with
+    per-epoch train/val losses, best epoch, n_train/n_val). Same seed -> same encoder on CPU.
+    Raises ValueError for NaN activations, a store without CLIP embeddings, or mismatched sizes.
+    """
+    layer = layer or store.layers[0]
+    field_name = acts_field(layer)
+    if field_name not in store.fields:
+        raise ValueError(f"store has no layer {layer!r}; layers: {list(store.layers)}")
+    if "clip_image" not in store.fields:
+        raise ValueError("the store has no CLIP image embeddings; build it with clip=<backend>")
+    if len(store.fields[field_name]) != 1:
+        raise ValueError(f"alignment needs pooled activations (N, U); layer {layer!r} has per-row shape {store.fields[field_name]}")
+    n_units, embed_dim = store.fields[field_name][0], store.fields["clip_image"][0]
+    if class_text_emb_cd.ndim != 2 or class_text_emb_cd.shape[1] != embed_dim:
+        raise ValueError(f"class_text_emb_cd must be (C, {embed_dim}), got {tuple(class_text_emb_cd.shape)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+
+    is_val = lambda rows: _val_mask(rows, config.val_fraction, seed)  # noqa: E731
+    mean, std, n_train = _streaming_stats(store, field_name, is_val)
+    constant = std < 1e-8
+    if constant.all():
+        raise ValueError(f"every unit of layer {layer!r} is constant over the data; nothing to align")
+    if constant.any():
+        warnings.warn(f"{int(constant.sum())} constant units at {layer!r}: they get zero embeddings and are never localized")
+
+    meta = {"model": store.spec.model, "layer": layer, "pooling": store.spec.pooling, "dataset": store.spec.dataset,
+            "clip": store.spec.clip, "n_classes": int(class_text_emb_cd.shape[0])}
+    encoder = NeuronEncoder(EncoderConfig(n_units, embed_dim, config.kind, config.hidden), meta)
+    encoder.act_mean.copy_(mean)
+    encoder.act_std.copy_(torch.where(constant, torch.ones_like(std), std))
+    encoder.constant_mask.copy_(constant)
+    with torch.no_grad():  # a constant unit carries no information: silence its input weights
+        first = encoder.net if config.kind == "linear" else encoder.net[0]
+        first.weight[:, constant] = 0.0
+    temps = _Temperatures(config.init_temperature)
+    encoder.to(device)
+    temps.to(device)
+    text = class_text_emb_cd.to(device).float()
+    params = list(encoder.parameters()) + list(temps.parameters())
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    fields = [field_name, "clip_image", "pred"]
+
+    def run_epoch(train: bool, epoch: int) -> float:
+        encoder.train(train)
+        total, count, offset = 0.0, 0, 0
+        for batch in _row_batches(store, fields, config.batch_size, shuffle=train, seed=seed * 1000 + epoch):
+            rows = batch.pop("_row")
+            keep = is_val(rows) != train
+            if keep.sum() < 2:
+                continue
+            acts = batch[field_name][keep].to(device).float()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), torch.set_grad_enabled(train):
+                z = encoder(acts)
+                loss, _ = alignment_loss(z, text[batch["pred"][keep].to(device)], batch["clip_image"][keep].to(device),
+                                         temps, config.concept_weight, config.image_weight)
+            if train:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    first = encoder.net if config.kind == "linear" else encoder.net[0]
+                    first.weight[:, encoder.constant_mask] = 0.0
+            total += loss.item() * int(keep.sum())
+            count += int(keep.sum())
+        return total / max(count, 1)
+
+    history = {"train_loss": [], "val_loss": [], "best_epoch": 0, "n_train": n_train, "n_val": store.n_rows - n_train}
+    best_val, best_state, stale = float("inf"), None, 0
+    bar = tqdm(range(config.epochs), desc=f"align {layer}", disable=not progress)
+    for epoch in bar:
+        history["train_loss"].append(run_epoch(True, epoch))
+        with torch.no_grad():
+            history["val_loss"].append(run_epoch(False, epoch))
+        bar.set_postfix(train=f"{history['train_loss'][-1]:.3f}", val=f"{history['val_loss'][-1]:.3f}")
+        if history["val_loss"][-1] < best_val - 1e-4:
+            best_val, stale, history["best_epoch"] = history["val_loss"][-1], 0, epoch
+            best_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    encoder.load_state_dict(best_state)
+    history["temperature"] = {"concept": float(1 / temps.concept.exp()), "image": float(1 / temps.image.exp())}
+    history["config"] = asdict(config)
+    encoder.meta["history"] = {k: v for k, v in history.items() if k != "config"}
+    return encoder.cpu().eval(), history
+
+
+def _row_batches(store: ActivationStore, fields, batch_size: int, shuffle: bool, seed: int):
+    """Like ActivationStore.iter_batches, with each row's global index in ``_row``."""
+    offsets, offset = [], 0
+    for shard in store.meta["shards"]:
+        offsets.append(offset)
+        offset += shard["n"]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(offsets), generator=gen).tolist() if shuffle else list(range(len(offsets)))
+    shard_iter = list(store.iter_shards(fields)) if len(offsets) == 1 else None
+    for si in order:
+        data = shard_iter[0] if shard_iter is not None else _read_shard(store, si, fields)
+        n = store.meta["shards"][si]["n"]
+        perm = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            batch = {k: v[idx] for k, v in data.items()}
+            batch["_row"] = idx + offsets[si]
+            yield batch
+
+
+def _read_shard(store: ActivationStore, index: int, fields) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(store.dir / store.meta["shards"][index]["file"], framework="pt") as f:
+        return {k: f.get_tensor(k) for k in fields}
+
+
+def save_encoder(encoder: NeuronEncoder, path: str | Path) -> Path:
+    """Write ``<path>.safetensors`` and ``<path>.json`` (schema version, config, provenance, history).
+
+    Returns the safetensors path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = path.with_suffix(".safetensors")
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(weights))
+    meta = {"schema_version": ENCODER_SCHEMA_VERSION, "config": asdict(encoder.config), "meta": encoder.meta}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return weights
+
+
+def load_encoder(path: str | Path) -> NeuronEncoder:
+    """Read an encoder written by :func:`save_encoder`. Raises FileNotFoundError or ValueError
+    (unknown schema version)."""
+    path = Path(path)
+    meta_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if not meta_path.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"no encoder checkpoint at {path} (need {meta_path.name} and {weights.name})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("schema_version") != ENCODER_SCHEMA_VERSION:
+        raise ValueError(f"encoder checkpoint schema {meta.get('schema_version')} != {ENCODER_SCHEMA_VERSION}")
+    encoder = NeuronEncoder(EncoderConfig(**meta["config"]), meta["meta"])
+    state = load_file(str(weights))
+    encoder.load_state_dict(state)
+    return encoder.eval()

@@ -1,0 +1,186 @@
+"""Datasets MiClip runs on: the Shapes world, image folders, ImageNet layouts.
+
+Every dataset here yields ``(PIL image, label)`` and has ``classes`` (names, index = label) and a
+``fingerprint`` string that identifies its content for cache keys. :func:`open_dataset` picks the
+right one from a spec string or a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from . import shapes
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: ``{class_index:04d}_{wnid}_{class_name}.jpg``, the layout of imagenet-sample-500.
+SAMPLE_FILE_RE = re.compile(r"^(\d{1,4})_(n\d{8})_(.+)\.(?:jpe?g|png)$", re.IGNORECASE)
+#: Environment variable that points at a folder in the imagenet-sample layout (used by tests/CI).
+IMAGENET_SAMPLE_ENV = "MICLIP_IMAGENET_SAMPLE"
+
+
+class DatasetError(ValueError):
+    """A dataset folder that is missing, empty, or not in an expected layout."""
+
+
+class UnreadableImageError(OSError):
+    """An image file that PIL cannot decode."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB. Raises UnreadableImageError naming the file when it cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+
+
+def _listing_fingerprint(kind: str, root: Path, files: list[Path]) -> str:
+    """Hash of the file names, sizes and modification times (content changes -> new fingerprint)."""
+    h = hashlib.sha256(kind.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return f"{kind}:{root}:{len(files)}:{h.hexdigest()[:16]}"
+
+
+def _check_dir(root: str | Path) -> Path:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DatasetError(f"dataset folder does not exist: {path}")
+    if not path.is_dir():
+        raise DatasetError(f"dataset path is not a folder: {path}")
+    return path.resolve()
+
+
+class FileListDataset(torch.utils.data.Dataset):
+    """Images from a list of files with integer labels; base of the folder datasets."""
+
+    def __init__(self, files: list[Path], labels: list[int], classes: list[str], fingerprint: str, transform=None):
+        self.files, self.labels, self.classes = files, labels, classes
+        self.fingerprint, self.transform = fingerprint, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        img = load_image(self.files[index])
+        return (self.transform(img) if self.transform is not None else img), self.labels[index]
+
+
+def image_folder(root: str | Path, transform=None) -> FileListDataset:
+    """An ImageFolder layout: ``root/<class name>/<image>``; labels follow sorted class folders.
+
+    Raises DatasetError when the folder is missing or holds no images.
+    """
+    root = _check_dir(root)
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    files, labels = [], []
+    for label, d in enumerate(class_dirs):
+        for f in sorted(d.rglob("*")):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(f)
+                labels.append(label)
+    if not files:
+        raise DatasetError(f"no images found in class subfolders of {root} (expected root/<class>/<image>)")
+    return FileListDataset(files, labels, [d.name for d in class_dirs], _listing_fingerprint("folder", root, files), transform)
+
+
+def imagenet_val(root: str | Path, transform=None) -> FileListDataset:
+    """ImageNet-1k validation in wnid folders (``root/n01440764/*.JPEG``), labelled with the
+    standard 1000-class index (sorted wnids), whatever subset of classes is present.
+
+    Raises DatasetError when the folder is missing, empty, or has non-wnid subfolders.
+    """
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    root = _check_dir(root)
+    wnid_to_index = {info.index_to_label_name(i): i for i in range(info.num_classes())}
+    files, labels = [], []
+    for d in sorted(x for x in root.iterdir() if x.is_dir()):
+        if d.name not in wnid_to_index:
+            raise DatasetError(f"{d} is not an ImageNet wnid folder (like n01440764)")
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(f)
+                labels.append(wnid_to_index[d.name])
+    if not files:
+        raise DatasetError(f"no images found in wnid subfolders of {root}")
+    classes = [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+    return FileListDataset(files, labels, classes, _listing_fingerprint("imagenet_val", root, files), transform)
+
+
+def imagenet_sample(root: str | Path, transform=None) -> FileListDataset:
+    """A flat folder of ``{class_index:04d}_{wnid}_{name}.jpg`` files (e.g. imagenet-sample-500),
+    labelled with the standard ImageNet-1k index from the file name.
+
+    Raises DatasetError when the folder is missing or has no file in that layout.
+    """
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    root = _check_dir(root)
+    files, labels = [], []
+    for f in sorted(root.iterdir()):
+        m = SAMPLE_FILE_RE.match(f.name)
+        if m:
+            idx = int(m.group(1))
+            if info.index_to_label_name(idx) != m.group(2):
+                raise DatasetError(f"{f.name}: index {idx} is not wnid {m.group(2)} in ImageNet-1k")
+            files.append(f)
+            labels.append(idx)
+    if not files:
+        raise DatasetError(f"no files named like 0000_n01440764_tench.jpg in {root}")
+    classes = [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+    return FileListDataset(files, labels, classes, _listing_fingerprint("imagenet_sample", root, files), transform)
+
+
+def open_dataset(spec: str | Path, transform=None):
+    """A dataset from a spec.
+
+    ``"shapes:<split>:<n>"`` (e.g. ``"shapes:test:2000"``) gives the Shapes world; a path gives an
+    imagenet-sample folder, an ImageNet-val wnid layout, or a generic ImageFolder, detected from
+    its contents. Raises DatasetError for a missing/empty folder or a malformed spec.
+    """
+    spec_str = str(spec)
+    if spec_str.startswith("shapes:"):
+        parts = spec_str.split(":")
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise DatasetError(f"expected 'shapes:<split>:<n>', got {spec_str!r}")
+        return shapes.ShapesDataset(parts[1], int(parts[2]), transform=transform)
+    root = _check_dir(os.path.expandvars(spec_str))
+    entries = list(root.iterdir())
+    if any(SAMPLE_FILE_RE.match(e.name) for e in entries if e.is_file()):
+        return imagenet_sample(root, transform)
+    subdirs = [e for e in entries if e.is_dir()]
+    if subdirs and all(re.fullmatch(r"n\d{8}", d.name) for d in subdirs):
+        return imagenet_val(root, transform)
+    return image_folder(root, transform)
+
+
+class PairedTransform(torch.utils.data.Dataset):
+    """Wrap a PIL-yielding dataset so each item is ``(model input, clip input or None, label)``.
+
+    Both transforms run in DataLoader workers, so the main process only batches.
+    """
+
+    def __init__(self, dataset, model_transform, clip_transform=None):
+        self.dataset, self.model_transform, self.clip_transform = dataset, model_transform, clip_transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        img, label = self.dataset[index]
+        if not isinstance(img, Image.Image):
+            raise TypeError("PairedTransform needs a dataset that yields PIL images (transform=None)")
+        x_model = self.model_transform(img)
+        x_clip = self.clip_transform(img) if self.clip_transform is not None else torch.zeros(0)
+        return x_model, x_clip, label

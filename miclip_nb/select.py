@@ -1,0 +1,73 @@
+"""Unit-selection methods behind one interface, so one harness can compare them.
+
+A selector is any object with a ``name`` and ``select(concept: int, tau: int) -> LongTensor`` of
+unit indices, best first, where ``concept`` indexes the concepts it was built for (for the
+delta-accuracy tables: the class index). MiClip and the random control live here; the baselines
+(Act-Values, Network Dissection, CLIP-Dissect, Captum) follow the same protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from .interpret import localize, top_k
+
+
+@runtime_checkable
+class UnitSelector(Protocol):
+    name: str
+
+    def select(self, concept: int, tau: int) -> torch.Tensor:
+        """Indices (tau,) of the units chosen for concept index ``concept``, best first."""
+
+
+class ScoreSelector:
+    """Selects the top-tau units of a precomputed (C, U) score matrix (higher = better)."""
+
+    def __init__(self, name: str, scores_cu: torch.Tensor):
+        if scores_cu.ndim != 2:
+            raise ValueError(f"scores must be (concepts, units), got {tuple(scores_cu.shape)}")
+        self.name, self.scores_cu = name, scores_cu.float()
+
+    def select(self, concept: int, tau: int) -> torch.Tensor:
+        """Indices (tau,) of the highest-scoring units for ``concept``."""
+        return top_k(self.scores_cu[concept], tau, "units")[0]
+
+
+class MiClipSelector:
+    """MiClip localization: units whose embeddings are closest to each concept's text embedding.
+
+    unit_emb_ud: (U, D) from interpret.unit_embeddings; concept_emb_cd: (C, D) text embeddings.
+    """
+
+    name = "MiClip"
+
+    def __init__(self, unit_emb_ud: torch.Tensor, concept_emb_cd: torch.Tensor, name: str = "MiClip"):
+        if unit_emb_ud.shape[1] != concept_emb_cd.shape[1]:
+            raise ValueError("unit and concept embeddings have different sizes")
+        self.unit_emb_ud, self.concept_emb_cd, self.name = unit_emb_ud, concept_emb_cd, name
+
+    def select(self, concept: int, tau: int) -> torch.Tensor:
+        return localize(self.unit_emb_ud, self.concept_emb_cd[concept], tau)[0]
+
+
+class RandomSelector:
+    """The control: ``tau`` units drawn uniformly without replacement, seeded by (seed, concept)."""
+
+    name = "Random"
+
+    def __init__(self, n_units: int, seed: int = 0):
+        self.n_units, self.seed = n_units, seed
+
+    def select(self, concept: int, tau: int) -> torch.Tensor:
+        if tau > self.n_units:
+            raise ValueError(f"tau={tau} is larger than the number of units ({self.n_units})")
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + concept)
+        return torch.randperm(self.n_units, generator=gen)[:tau]
+
+
+def selection(selector: UnitSelector, concepts: Sequence[int], tau: int = 5) -> dict[int, torch.Tensor]:
+    """``{concept: selector.select(concept, tau)}`` for every concept index."""
+    return {int(c): selector.select(int(c), tau) for c in concepts}

@@ -1,0 +1,113 @@
+"""Plots. Each function takes arrays, returns a matplotlib Figure, and never calls ``plt.show``."""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+
+
+def loss_curves(history: dict, title: str = "Alignment loss") -> plt.Figure:
+    """Train/validation loss per epoch from align.train_encoder's history; marks the best epoch."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    epochs = np.arange(1, len(history["train_loss"]) + 1)
+    ax.plot(epochs, history["train_loss"], label="train")
+    ax.plot(epochs, history["val_loss"], label="validation")
+    ax.axvline(history["best_epoch"] + 1, color="grey", ls=":", label="best (kept)")
+    ax.set(xlabel="epoch", ylabel="InfoNCE (concept + image)", title=title)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def score_bars(labels: Sequence[str], scores: Sequence[float], title: str, xlabel: str = "cosine similarity") -> plt.Figure:
+    """Horizontal bars, best at the top (top units of a concept, top concepts of a unit)."""
+    fig, ax = plt.subplots(figsize=(4.5, 0.35 * len(labels) + 1.2))
+    sns.barplot(x=list(scores), y=[str(label) for label in labels], ax=ax, color="#4c72b0", orient="h")
+    ax.set(xlabel=xlabel, ylabel="", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images_uint8: np.ndarray, titles: Sequence[str] | None = None, ncols: int = 8, size: float = 1.2,
+               suptitle: str | None = None) -> plt.Figure:
+    """A grid of images: images_uint8 (N, H, W, 3)."""
+    n = len(images_uint8)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, (n + ncols - 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images_uint8[i])
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def activation_histogram(acts_n: np.ndarray, title: str, marks: dict[str, float] | None = None) -> plt.Figure:
+    """Histogram of one unit's activations over the probe images; optional labelled vertical marks."""
+    fig, ax = plt.subplots(figsize=(4.5, 2.8))
+    ax.hist(np.asarray(acts_n), bins=40, color="#55a868")
+    for label, x in (marks or {}).items():
+        ax.axvline(x, color="k", ls="--")
+        ax.text(x, ax.get_ylim()[1] * 0.9, f" {label}", fontsize=7)
+    ax.set(xlabel="activation", ylabel="images", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def delta_accuracy_bars(table, title: str = "Delta-accuracy per method") -> plt.Figure:
+    """Seaborn bars of a pipeline.intervention_table long table: x = method, hue = intervention,
+    error bars = std over seeds."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.barplot(data=table, x="method", y="delta_acc", hue="intervention", errorbar="sd", ax=ax)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(ylabel="Δ accuracy (percentage points)", xlabel="", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def beta_curves(sweeps, title: str = "Dose-response") -> plt.Figure:
+    """Lines of delta-accuracy against beta; ``sweeps``: DataFrame with method, beta, delta_acc."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    sns.lineplot(data=sweeps, x="beta", y="delta_acc", hue="method", marker="o", ax=ax)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(1, color="grey", ls=":")
+    ax.set(xlabel="β (scale factor)", ylabel="Δ accuracy (pp)", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def trajectory_plot(layers: Sequence[str], sim_true: Sequence[float], sim_wrong: Sequence[float], true_label: str,
+                    wrong_label: str, best_layer: int | None = None, overtake_layer: int | None = None,
+                    title: str | None = None) -> plt.Figure:
+    """The paper's Figure 4: cosine similarity to the true (blue) and wrong (orange) label per layer,
+    with the layer where the truth dominates most (star) and where the wrong label overtakes (cross)."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    x = np.arange(len(layers))
+    ax.plot(x, sim_true, "-o", color="#1f77b4", label=f"GT: {true_label}")
+    ax.plot(x, sim_wrong, "-o", color="#ff7f0e", label=f"Mis.: {wrong_label}")
+    if best_layer is not None:
+        ax.plot(best_layer, sim_true[best_layer], "*", color="#1f77b4", ms=16, label="GT dominates most")
+    if overtake_layer is not None:
+        ax.plot(overtake_layer, sim_wrong[overtake_layer], "X", color="#d62728", ms=12, label="Mis. overtakes")
+    ax.set_xticks(x, layers, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="cosine similarity", title=title or "Semantic trajectory across layers")
+    ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def figure_png(fig: plt.Figure, dpi: int = 90) -> bytes:
+    """PNG bytes of a figure (for ipywidgets.Image); closes the figure."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,137 @@
+"""ipywidgets panels over the library's pure functions (no custom front-end code).
+
+Each builder returns ``{"widget": the box to display, "parts": {name: widget}}`` so a test can set
+values, click buttons and read the outputs without a browser, and a notebook just displays
+``panel["widget"]``.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import ipywidgets as W
+import numpy as np
+import torch
+
+from . import viz
+from .capture import capture
+from .interpret import describe, localize
+
+
+@dataclass
+class ExplorerState:
+    """What the panels browse: aligned units, a vocabulary, and probe images with their activations."""
+
+    unit_emb_ud: torch.Tensor  # (U, D) unit embeddings
+    backend: object  # EmbeddingBackend, to embed free text
+    vocab: list[str]  # concept names for descriptions
+    vocab_emb_cd: torch.Tensor  # (C, D) their embeddings
+    probe_acts_nu: torch.Tensor  # (N, U) pooled activations of the probe images
+    probe_images: np.ndarray  # (N, H, W, 3) uint8 probe images for display
+    layer: str  # the layer the units live in
+    unit_label: str = "unit"  # "neuron", "SAE feature", ... for titles
+    encode_text: object = None  # optional callable str -> (D,); default backend.encode_texts
+
+    @property
+    def n_units(self) -> int:
+        return int(self.unit_emb_ud.shape[0])
+
+
+def build_explorer(target, backend, unit_emb_ud, vocab, vocab_emb_cd, dataset, layer: str, n_probe: int = 512,
+                   pooling: str = "mean", unit_label: str = "neuron", batch_size: int = 128) -> ExplorerState:
+    """Capture pooled activations of the first ``n_probe`` images of ``dataset`` (yielding PIL
+    images) at ``layer`` and bundle everything the panels need."""
+    n = min(n_probe, len(dataset))
+    pil = [dataset[i][0] for i in range(n)]
+    acts = []
+    for start in range(0, n, batch_size):
+        x = torch.stack([target.preprocess(img) for img in pil[start : start + batch_size]])
+        acts.append(capture(target.module, x, layer, pooling)[layer])
+    images = np.stack([np.asarray(img.convert("RGB").resize((64, 64))) for img in pil])
+    return ExplorerState(unit_emb_ud, backend, list(vocab), vocab_emb_cd, torch.cat(acts), images, layer, unit_label)
+
+
+def search_concept(state: ExplorerState, text: str, tau: int) -> list[tuple[int, float]]:
+    """[(unit, cosine)] of the top ``tau`` units for free text. Raises ValueError for empty text."""
+    text = (text or "").strip()
+    if not text:
+        raise ValueError("type a concept first")
+    emb = state.encode_text(text) if state.encode_text is not None else state.backend.encode_texts([text])[0]
+    units, scores = localize(state.unit_emb_ud, emb, tau)
+    return list(zip(units.tolist(), scores.tolist()))
+
+
+def top_activating(state: ExplorerState, unit: int, k: int = 6) -> np.ndarray:
+    """Indices of the ``k`` probe images on which ``unit`` is most active."""
+    return torch.topk(state.probe_acts_nu[:, unit], min(k, state.probe_acts_nu.shape[0])).indices.numpy()
+
+
+def _table(rows: list[tuple], headers: tuple[str, ...]) -> str:
+    head = "".join(f"<th style='padding:2px 10px'>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='padding:2px 10px'>{html.escape(f'{c:.3f}' if isinstance(c, float) else str(c))}</td>" for c in r) + "</tr>"
+        for r in rows
+    )
+    return f"<table class='miclip-table'><tr>{head}</tr>{body}</table>"
+
+
+def _units_grid_png(state: ExplorerState, units: list[int], k: int) -> bytes:
+    idx = [top_activating(state, u, k) for u in units]
+    images = np.concatenate([state.probe_images[i] for i in idx])
+    titles = [f"{state.unit_label} {u}" if j == 0 else "" for u in units for j in range(len(idx[0]))]
+    fig = viz.image_grid(images, titles, ncols=len(idx[0]), size=1.0, suptitle="top-activating probe images (one row per unit)")
+    return viz.figure_png(fig)
+
+
+def concept_search_panel(state: ExplorerState, tau: int = 5, k_images: int = 6) -> dict:
+    """Type a concept -> its top units with scores and each unit's top-activating images."""
+    concept = W.Text(value="", placeholder="a concept, e.g. red", description="concept")
+    tau_slider = W.IntSlider(value=tau, min=1, max=min(20, state.n_units), description="top units")
+    search = W.Button(description="Search", button_style="primary")
+    status = W.HTML()
+    table = W.HTML()
+    images = W.Image(format="png")
+
+    def run(_=None):
+        try:
+            hits = search_concept(state, concept.value, tau_slider.value)
+        except ValueError as err:
+            status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            return
+        status.value = f"top {len(hits)} {state.unit_label}s at <code>{html.escape(state.layer)}</code> for “{html.escape(concept.value.strip())}”"
+        table.value = _table([(u, s) for u, s in hits], (state.unit_label, "cosine"))
+        images.value = _units_grid_png(state, [u for u, _ in hits], k_images)
+
+    search.on_click(run)
+    concept.continuous_update = False
+    concept.observe(lambda change: run(), names="value")
+    tau_slider.observe(lambda change: run() if concept.value.strip() else None, names="value")
+    box = W.VBox([W.HBox([concept, tau_slider, search]), status, W.HBox([table, images])])
+    return {"widget": box, "parts": {"concept": concept, "tau": tau_slider, "search": search, "status": status,
+                                     "table": table, "images": images}}
+
+
+def unit_inspector_panel(state: ExplorerState, tau: int = 5, k_images: int = 8) -> dict:
+    """Pick a unit -> its top concepts with scores, top-activating images, activation histogram."""
+    unit = W.BoundedIntText(value=0, min=0, max=state.n_units - 1, description=state.unit_label[:10])
+    status = W.HTML()
+    table = W.HTML()
+    images = W.Image(format="png")
+    hist = W.Image(format="png")
+
+    def show(_=None):
+        u = int(unit.value)
+        top = describe(state.unit_emb_ud, u, state.vocab_emb_cd, state.vocab, tau)
+        status.value = f"{state.unit_label} {u} at <code>{html.escape(state.layer)}</code>"
+        table.value = _table(top, ("concept", "cosine"))
+        idx = top_activating(state, u, k_images)
+        images.value = viz.figure_png(viz.image_grid(state.probe_images[idx], ncols=k_images, size=1.0,
+                                                     suptitle=f"top-activating images of {state.unit_label} {u}"))
+        acts = state.probe_acts_nu[:, u].numpy()
+        hist.value = viz.figure_png(viz.activation_histogram(acts, f"{state.unit_label} {u} on {len(acts)} probe images"))
+
+    unit.observe(show, names="value")
+    show()
+    box = W.VBox([unit, status, W.HBox([table, hist]), images])
+    return {"widget": box, "parts": {"unit": unit, "status": status, "table": table, "images": images, "histogram": hist}}

@@ -1,0 +1,101 @@
+"""The neuron encoder: it recovers planted units, is reproducible, checkpoints, and refuses bad input."""
+
+import pytest
+import torch
+
+from miclip_nb.align import AlignConfig, EncoderMismatchError, load_encoder, save_encoder, train_encoder
+from miclip_nb.interpret import localize, unit_embeddings
+
+from _synthetic import planted_store
+
+FAST = AlignConfig(epochs=15, batch_size=128, patience=5)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return planted_store(tmp_path_factory.mktemp("planted"))
+
+
+@pytest.fixture(scope="module")
+def trained(planted):
+    store, text, _ = planted
+    return train_encoder(store, text, config=FAST, seed=0, progress=False)
+
+
+def test_localize_recovers_planted_units(planted, trained):
+    _, text, planted_units = planted
+    encoder, history = trained
+    emb = unit_embeddings(encoder)
+    for c in range(text.shape[0]):
+        units, _ = localize(emb, text[c], tau=1)
+        assert int(units[0]) == int(planted_units[c])
+    assert history["val_loss"][history["best_epoch"]] < history["val_loss"][0]
+
+
+def test_mlp_encoder_also_recovers_planted_units(planted):
+    store, text, planted_units = planted
+    encoder, _ = train_encoder(store, text, config=AlignConfig(kind="mlp", hidden=64, epochs=15, batch_size=128), seed=0, progress=False)
+    emb = unit_embeddings(encoder, value="typical")
+    hits = sum(int(localize(emb, text[c], tau=1)[0][0]) == int(planted_units[c]) for c in range(text.shape[0]))
+    assert hits >= text.shape[0] - 1
+
+
+def test_same_seed_same_encoder(planted, trained):
+    store, text, _ = planted
+    again, _ = train_encoder(store, text, config=FAST, seed=0, progress=False)
+    for (k, a), b in zip(trained[0].state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_round_trip_and_provenance(planted, trained, tmp_path):
+    store, _, _ = planted
+    encoder, _ = trained
+    save_encoder(encoder, tmp_path / "enc")
+    loaded = load_encoder(tmp_path / "enc")
+    x = store.acts("layer")[:10]
+    assert torch.equal(encoder(x), loaded(x))
+    loaded.check_compatible(model=store.spec.model, layer="layer", pooling="mean")
+    with pytest.raises(EncoderMismatchError, match="layer"):
+        loaded.check_compatible(model=store.spec.model, layer="blocks.3")
+    with pytest.raises(EncoderMismatchError, match="model"):
+        loaded.check_compatible(model="another-model")
+    with pytest.raises(EncoderMismatchError, match="32 units"):
+        loaded(torch.zeros(2, 31))
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no encoder checkpoint"):
+        load_encoder(tmp_path / "nothing")
+
+
+def test_nan_activations_rejected(tmp_path):
+    store, text, _ = planted_store(tmp_path, n=600, nan=True)
+    with pytest.raises(ValueError, match="NaN"):
+        train_encoder(store, text, config=FAST, progress=False)
+
+
+def test_constant_unit_gets_zero_embedding_and_is_never_localized(tmp_path):
+    store, text, planted_units = planted_store(tmp_path, n=1500, constant_unit=31)
+    assert 31 not in planted_units.tolist()
+    with pytest.warns(UserWarning, match="constant units"):
+        encoder, _ = train_encoder(store, text, config=FAST, progress=False)
+    emb = unit_embeddings(encoder)
+    assert encoder.constant_units.tolist() == [31]
+    assert torch.count_nonzero(emb[31]) == 0
+    for c in range(text.shape[0]):
+        assert 31 not in localize(emb, text[c], tau=5)[0].tolist()
+
+
+def test_wrong_text_size_rejected(planted):
+    store, text, _ = planted
+    with pytest.raises(ValueError, match=r"\(C, 16\)"):
+        train_encoder(store, text[:, :8], config=FAST, progress=False)
+    with pytest.raises(ValueError, match="no layer"):
+        train_encoder(store, text, layer="other", config=FAST, progress=False)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError):
+        AlignConfig(val_fraction=0.7)
+    with pytest.raises(ValueError):
+        AlignConfig(concept_weight=0, image_weight=0)
