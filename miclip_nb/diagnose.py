@@ -1,0 +1,136 @@
+"""Failure diagnosis: layer-wise semantic trajectories of mispredictions (the paper's Figure 4).
+
+With one aligned encoder per layer, an image's representation at layer l is embedded in CLIP
+space as e_l = normalize(E_n^l(a_l)). Its cosine similarity to the text embedding of the true label
+and of the wrongly predicted label, layer by layer, is the image's *trajectory*. Two marks:
+
+- the layer where the truth dominates most: argmax over layers of sim(true) - sim(wrong);
+- the overtaking layer: the first layer after that one where sim(wrong) > sim(true) (None when
+  the wrong label never overtakes inside the probed layers).
+
+At the overtaking layer, the concepts closest to e_l (the two labels excluded) say what the model
+started to "see" instead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .align import AlignConfig, NeuronEncoder
+from .capture import capture
+from .pipeline import fit_alignment
+from .store import build_store
+
+
+def layerwise_encoders(target, backend, dataset, layers: Sequence[str], class_text_emb_cd: torch.Tensor, *,
+                       pooling: str = "mean", config: AlignConfig = AlignConfig(), seed: int = 0,
+                       device: str | None = None, batch_size: int = 128, progress: bool = True) -> dict[str, NeuronEncoder]:
+    """One encoder per layer, from a single capture pass (cached store) and cached trainings.
+
+    Returns ``{layer: encoder}`` in the order of ``layers``.
+    """
+    store = build_store(target, dataset, list(layers), pooling=pooling, clip=backend, batch_size=batch_size,
+                        device=device, progress=progress)
+    return {layer: fit_alignment(store, class_text_emb_cd, layer=layer, config=config, seed=seed, device=device, progress=progress)
+            for layer in layers}
+
+
+@torch.no_grad()
+def layer_embeddings(target, encoders: dict[str, NeuronEncoder], images: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """CLIP-space embeddings of images at every layer: images (N, 3, H, W) -> (L, N, D) unit-norm."""
+    acts = capture(target.module, images, list(encoders), pooling)
+    return torch.stack([F.normalize(enc(acts[layer].float()), dim=-1) for layer, enc in encoders.items()])
+
+
+def trajectory_marks(sim_true: Sequence[float], sim_wrong: Sequence[float]) -> tuple[int, int | None]:
+    """(layer index where true - wrong is largest, first later index where wrong > true or None)."""
+    margin = np.asarray(sim_true) - np.asarray(sim_wrong)
+    best = int(np.argmax(margin))
+    later = np.nonzero(margin[best + 1 :] < 0)[0]
+    return best, (best + 1 + int(later[0])) if later.size else None
+
+
+@dataclass
+class Trajectory:
+    """One image's diagnosis."""
+
+    layers: list[str]
+    sim_true: np.ndarray  # (L,) cosine to the true label's text embedding
+    sim_wrong: np.ndarray  # (L,) cosine to the wrong (predicted) label's text embedding
+    true_label: int
+    wrong_label: int
+    best_layer: int  # index into layers
+    overtake_layer: int | None  # index into layers, None when never overtaken
+    top_concepts: list[list[tuple[str, float]]]  # per layer: [(concept, cosine)] best first
+
+    @property
+    def overtake_concepts(self) -> list[str]:
+        """Concept names at the overtaking layer (empty when there is none)."""
+        return [] if self.overtake_layer is None else [c for c, _ in self.top_concepts[self.overtake_layer]]
+
+    def frame(self) -> pd.DataFrame:
+        """A table: layer, sim_true, sim_wrong, margin, top concepts."""
+        return pd.DataFrame({"layer": self.layers, "sim_true": self.sim_true, "sim_wrong": self.sim_wrong,
+                             "margin": self.sim_true - self.sim_wrong,
+                             "top_concepts": [", ".join(c for c, _ in tc) for tc in self.top_concepts]})
+
+
+def diagnose(target, encoders: dict[str, NeuronEncoder], images: torch.Tensor, true_labels, wrong_labels,
+             class_text_emb_cd: torch.Tensor, vocab: Sequence[str], vocab_emb_cd: torch.Tensor, *,
+             class_names: Sequence[str] | None = None, k: int = 3, pooling: str = "mean", batch_size: int = 128) -> list[Trajectory]:
+    """Trajectories for images (N, 3, H, W) with their true and wrong labels (N,).
+
+    ``vocab``/``vocab_emb_cd`` (C, D) name what each layer's embedding is closest to; concepts equal
+    to the true or wrong class name are left out of the top ``k``. Returns one Trajectory per image.
+    """
+    true_labels, wrong_labels = torch.as_tensor(true_labels), torch.as_tensor(wrong_labels)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(class_text_emb_cd.shape[0])]
+    layers = list(encoders)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        emb_lnd = layer_embeddings(target, encoders, images[start : start + batch_size], pooling)
+        sims_true = torch.einsum("lnd,nd->nl", emb_lnd, class_text_emb_cd[true_labels[start : start + batch_size]])
+        sims_wrong = torch.einsum("lnd,nd->nl", emb_lnd, class_text_emb_cd[wrong_labels[start : start + batch_size]])
+        concept_sims = torch.einsum("lnd,cd->nlc", emb_lnd, vocab_emb_cd)
+        for j in range(emb_lnd.shape[1]):
+            t, w = int(true_labels[start + j]), int(wrong_labels[start + j])
+            skip = {names[t].lower(), names[w].lower()}
+            allowed = torch.tensor([v.lower() not in skip for v in vocab])
+            tops = []
+            for li in range(len(layers)):
+                s = concept_sims[j, li].masked_fill(~allowed, -2.0)
+                vals, idx = torch.topk(s, min(k, int(allowed.sum())))
+                tops.append([(vocab[i], float(v)) for i, v in zip(idx.tolist(), vals.tolist())])
+            st, sw = sims_true[j].numpy(), sims_wrong[j].numpy()
+            best, over = trajectory_marks(st, sw)
+            out.append(Trajectory(layers, st, sw, t, w, best, over, tops))
+    return out
+
+
+def failure_summary(trajectories: Sequence[Trajectory]) -> dict:
+    """Across failures: how often each layer is the overtaking layer, and which concepts appear
+    there most often. Returns {"overtake_counts": Series by layer (None -> 'never'),
+    "concept_counts": Series by concept}."""
+    layers = trajectories[0].layers if trajectories else []
+    over = Counter(t.layers[t.overtake_layer] if t.overtake_layer is not None else "never" for t in trajectories)
+    concepts = Counter(c for t in trajectories for c in t.overtake_concepts)
+    order = [l for l in layers if l in over] + (["never"] if "never" in over else [])
+    return {"overtake_counts": pd.Series({l: over[l] for l in order}, name="failures", dtype=int),
+            "concept_counts": pd.Series(dict(concepts.most_common()), name="failures", dtype=int)}
+
+
+def find_failures(target, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of misclassified images and their wrong predictions: ((M,), (M,))."""
+    from .steer import predict
+
+    pred = predict(target.module, images, batch_size)
+    wrong = torch.nonzero(pred != torch.as_tensor(labels)).flatten()
+    return wrong, pred[wrong]
+
