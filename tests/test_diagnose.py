@@ -11,7 +11,7 @@ def test_marks_find_dominance_then_overtake():
 
 
 def test_marks_when_truth_never_loses():
-    assert trajectory_marks([0.3, 0.4], [0.1, 0.2]) == (0, None)
+    assert trajectory_marks([0.3, 0.35], [0.1, 0.2]) == (0, None)
 
 
 def test_marks_ignore_losses_before_the_best_layer():
