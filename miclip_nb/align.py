@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .store import ActivationStore, acts_field
+from ._progress import bars_off
 
 ENCODER_SCHEMA_VERSION = 1
 
@@ -246,7 +247,7 @@ def train_encoder(
 
     history = {"train_loss": [], "val_loss": [], "best_epoch": 0, "n_train": n_train, "n_val": store.n_rows - n_train}
     best_val, best_state, stale = float("inf"), None, 0
-    bar = tqdm(range(config.epochs), desc=f"align {layer}", disable=not progress)
+    bar = tqdm(range(config.epochs), desc=f"align {layer}", disable=bars_off(progress))
     for epoch in bar:
         history["train_loss"].append(run_epoch(True, epoch))
         with torch.no_grad():
@@ -260,7 +261,7 @@ def train_encoder(
             if stale >= config.patience:
                 break
     encoder.load_state_dict(best_state)
-    history["temperature"] = {"concept": float(1 / temps.concept.exp()), "image": float(1 / temps.image.exp())}
+    history["temperature"] = {"concept": 1 / temps.concept.exp().item(), "image": 1 / temps.image.exp().item()}
     history["config"] = asdict(config)
     encoder.meta["history"] = {k: v for k, v in history.items() if k != "config"}
     return encoder.cpu().eval(), history

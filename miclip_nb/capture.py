@@ -171,5 +171,26 @@ def capture(model: nn.Module, x: torch.Tensor, layers: list[str] | str, pooling:
     The model is left exactly as it was (no hooks, same outputs).
     """
     with hooked_activations(model, layers, pooling) as acts:
-        model(x)
+        forward_checked(model, x)
     return dict(acts)
+
+
+class InputShapeError(ValueError):
+    """Input the model cannot take (wrong tensor shape, channel count or size)."""
+
+
+def forward_checked(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, turning torch's shape errors from deep inside the model into an
+    InputShapeError that names the input shape and the likely cause."""
+    if not isinstance(x, torch.Tensor):
+        raise InputShapeError(f"expected a tensor batch (N, 3, H, W), got {type(x).__name__}")
+    try:
+        return model(x)
+    except RuntimeError as err:
+        text = str(err)
+        if any(k in text for k in ("size", "shape", "dimension", "channels", "Expected")):
+            raise InputShapeError(
+                f"{type(model).__name__} cannot take input of shape {tuple(x.shape)}: {text.splitlines()[0][:200]}. "
+                "Check the preprocessing (image size, 3 channels, batch dimension first)."
+            ) from err
+        raise

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .align import AlignConfig, NeuronEncoder
 from .capture import capture
 from .pipeline import fit_alignment
-from .store import build_store
+from .store import build_store, model_identity
 
 
 def layerwise_encoders(target, backend, dataset, layers: Sequence[str], class_text_emb_cd: torch.Tensor, *,
@@ -44,7 +44,13 @@ def layerwise_encoders(target, backend, dataset, layers: Sequence[str], class_te
 
 @torch.no_grad()
 def layer_embeddings(target, encoders: dict[str, NeuronEncoder], images: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-    """CLIP-space embeddings of images at every layer: images (N, 3, H, W) -> (L, N, D) unit-norm."""
+    """CLIP-space embeddings of images at every layer: images (N, 3, H, W) -> (L, N, D) unit-norm.
+
+    Raises EncoderMismatchError when an encoder was trained on another model, layer or pooling.
+    """
+    identity = model_identity(target)
+    for layer, enc in encoders.items():
+        enc.check_compatible(model=identity, layer=layer, pooling=pooling)
     acts = capture(target.module, images, list(encoders), pooling)
     return torch.stack([F.normalize(enc(acts[layer].float()), dim=-1) for layer, enc in encoders.items()])
 

@@ -171,14 +171,17 @@ def load_clip(
 
 def build_concept_bank(
     backend: EmbeddingBackend, concepts: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
-    batch_size: int = 256,
+    batch_size: int = 256, allow_duplicates: bool = False,
 ) -> torch.Tensor:
     """Text embeddings of ``concepts``, each averaged over prompt ``templates`` and re-normalised.
 
     As open_clip's zero-shot classifier does. Returns (C, D) unit-norm rows, in the order given.
-    Raises ValueError for an empty list, an empty concept, duplicates, or a template without ``{}``.
+    Raises ValueError for an empty list, an empty concept, duplicates (unless
+    ``allow_duplicates``: ImageNet has two "crane" classes), or a template without ``{}``.
     """
-    concepts = validate_concepts(concepts)
+    concepts = [str(c).strip() for c in concepts] if allow_duplicates else validate_concepts(concepts)
+    if not concepts or not all(concepts):
+        raise ValueError("concepts must be non-empty strings")
     if not templates or any("{}" not in t for t in templates):
         raise ValueError("every template must contain '{}'")
     rows = []

@@ -125,15 +125,24 @@ def concept_set(name: str | Sequence[str]) -> list[str]:
     return validate_concepts(name)
 
 
-def encode_concepts(backend: EmbeddingBackend, concepts: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
-    """(C, D) concept embeddings. Shapes-world concepts use the prompts ToyCLIP knows
-    (see :func:`shapes_concept_prompts`) unless ``templates`` are given."""
-    concepts = validate_concepts(concepts)
-    if templates is None:
-        prompts = shapes_concept_prompts()
-        if all(c in prompts for c in concepts):
-            return build_concept_bank(backend, [prompts[c] for c in concepts], IDENTITY_TEMPLATES)
-        from .embed import DEFAULT_TEMPLATES
+def default_templates(backend: EmbeddingBackend) -> tuple[str, ...]:
+    """Prompt templates that suit a backend: ToyCLIP was trained on bare captions ("{}"); real CLIP
+    models get open_clip-style templates ("a photo of a {}.")."""
+    from .embed import DEFAULT_TEMPLATES
 
-        templates = DEFAULT_TEMPLATES
-    return build_concept_bank(backend, concepts, templates)
+    return IDENTITY_TEMPLATES if "ToyCLIP" in str(getattr(backend, "fingerprint", "")) else DEFAULT_TEMPLATES
+
+
+def encode_concepts(backend: EmbeddingBackend, concepts: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+    """(C, D) unit-norm concept embeddings, in the order given.
+
+    Without ``templates``: Shapes-world concept words use the prompts ToyCLIP knows ("star" ->
+    "a star", see :func:`shapes_concept_prompts`) and everything else
+    :func:`default_templates`. Raises ValueError for an invalid concept list.
+    """
+    concepts = validate_concepts(concepts)
+    if templates is not None:
+        return build_concept_bank(backend, concepts, templates)
+    prompts = shapes_concept_prompts()
+    texts = [prompts.get(c, c) for c in concepts]
+    return build_concept_bank(backend, texts, default_templates(backend))

@@ -21,11 +21,12 @@ from ._paths import cache_dir
 from .align import AlignConfig, NeuronEncoder, load_encoder, save_encoder, train_encoder
 from .datasets import open_dataset
 from .embed import DEFAULT_TEMPLATES, EmbeddingBackend, build_concept_bank, load_clip
-from .interpret import concept_set, encode_concepts, shapes_concept_prompts, unit_embeddings
+from .interpret import concept_set, default_templates, encode_concepts, shapes_concept_prompts, unit_embeddings
 from .select import MiClipSelector, RandomSelector, UnitSelector, selection
 from .steer import PAPER_BETAS, class_deltas, summarize
 from .store import ActivationStore, build_store
 from .zoo import TargetModel, load_target
+from ._progress import bars_off
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,12 @@ class PipelineConfig:
 
 
 def class_prompts_embedding(backend: EmbeddingBackend, class_names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
-    """(C, D) text embeddings of the classes, as the neuron-concept targets and for localization.
-
-    Shapes-world class names use ToyCLIP's prompts ("a star"); others open_clip-style templates
-    averaged ("a photo of a {}.").
-    """
+    """(C, D) text embeddings of the classes: the neuron-concept targets, and the concepts that
+    localization looks for. Prompts as :func:`interpret.encode_concepts` (ToyCLIP: "a star";
+    real CLIP: "a photo of a {}." averaged over templates). Duplicate class names are allowed."""
     prompts = shapes_concept_prompts()
-    if templates is None and all(c in prompts for c in class_names):
-        return encode_concepts(backend, list(class_names))
-    return build_concept_bank(backend, list(class_names), templates or DEFAULT_TEMPLATES)
+    texts = [prompts.get(c, c) for c in class_names]
+    return build_concept_bank(backend, texts, templates or default_templates(backend), allow_duplicates=True)
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -112,7 +110,7 @@ def load_eval_images(target: TargetModel, dataset, n: int | None = None, batch_s
     """Preprocess the first ``n`` images of ``dataset`` for ``target``: ((N, 3, H, W), (N,) labels)."""
     n = len(dataset) if n is None else min(n, len(dataset))
     xs, ys = [], []
-    for i in tqdm(range(n), desc="load eval images", disable=n < 2000):
+    for i in tqdm(range(n), desc="load eval images", disable=bars_off(n >= 2000)):
         img, label = dataset[i]
         xs.append(target.preprocess(img))
         ys.append(label)
@@ -132,7 +130,7 @@ def intervention_table(
     classes = sorted(set(labels.tolist())) if classes is None else list(classes)
     rows = []
     for name, sels in selectors.items():
-        for i, sel in enumerate(tqdm(sels, desc=name, disable=not progress)):
+        for i, sel in enumerate(tqdm(sels, desc=name, disable=bars_off(progress))):
             picked = selection(sel, classes, tau)
             for interv, beta in betas.items():
                 df = class_deltas(target.module, images, labels, layer, picked, mode="scale", beta=beta, edit_factory=edit_factory)

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import resolve_layer
+from ._progress import bars_off
 
 MODES = ("scale", "shift")
 #: The paper's two interventions.
@@ -127,7 +128,7 @@ def class_deltas(
     make_edit = edit_factory or neuron_edit
     gen = torch.Generator().manual_seed(seed)
     rows = []
-    for c, units in tqdm(selection.items(), desc=f"{mode} x{beta}", disable=not progress):
+    for c, units in tqdm(selection.items(), desc=f"{mode} x{beta}", disable=bars_off(progress)):
         own = torch.nonzero(labels == c).flatten()
         if own.numel() == 0:
             continue

@@ -7,8 +7,9 @@ of ``shard_size`` rows inside a folder named by a hash of everything that determ
 
 - a different model, layer, dataset or transform gets a different folder: nothing is ever stale;
 - an interrupted pass resumes from its last complete shard;
-- every shard's sha256 is recorded in ``metadata.json``; a corrupt or truncated shard is detected
-  (and rewritten on the next build, or reported by :meth:`ActivationStore.verify`);
+- every shard's sha256 is recorded in ``metadata.json`` and checked before the shard is first read;
+  a corrupt, truncated or missing shard raises StoreError (and is rewritten by the next build);
+  an edited or unreadable ``metadata.json`` raises too (and the next build starts the store over);
 - memory is bounded by one shard, whatever the dataset size.
 """
 
@@ -30,9 +31,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ._paths import cache_dir
-from .capture import POOLINGS, hooked_activations, resolve_layer
+from .capture import POOLINGS, forward_checked, hooked_activations, resolve_layer
 from .datasets import PairedTransform
 from .embed import state_fingerprint
+from ._progress import bars_off
 
 SCHEMA_VERSION = 1
 METADATA = "metadata.json"
@@ -298,6 +300,13 @@ def describe_transform(transform) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
 
 
+def model_identity(target) -> str:
+    """Identifies a target model *as it is now*: its fingerprint plus a hash of its current weights,
+    so a model edited or fine-tuned in place after loading gets a new identity (new stores, and
+    encoders trained on the old weights are refused)."""
+    return f"{target.fingerprint}|weights={state_fingerprint(target.module)}"
+
+
 def store_spec(target, dataset, layers: Sequence[str], pooling: str, clip=None, n_items: int | None = None,
                dtype: torch.dtype = torch.float32) -> StoreSpec:
     """The :class:`StoreSpec` for capturing ``layers`` of ``target`` (a zoo.TargetModel) on
@@ -308,11 +317,8 @@ def store_spec(target, dataset, layers: Sequence[str], pooling: str, clip=None, 
     n = len(dataset) if n_items is None else n_items
     if not 0 < n <= len(dataset):
         raise ValueError(f"n_items must be in 1..{len(dataset)}, got {n}")
-    # Hash the weights as they are now: a model edited or fine-tuned in place after loading
-    # must not reuse the store of its old weights.
-    model = f"{target.fingerprint}|weights={state_fingerprint(target.module)}"
     return StoreSpec(
-        model=model, layers=tuple(layers), pooling=pooling, dataset=fingerprint, n_items=n,
+        model=model_identity(target), layers=tuple(layers), pooling=pooling, dataset=fingerprint, n_items=n,
         transform=describe_transform(target.preprocess), clip=None if clip is None else clip.fingerprint,
         clip_transform=None if clip is None else describe_transform(getattr(clip, "_preprocess", clip.preprocess)),
         dtype=str(dtype),
@@ -379,11 +385,11 @@ def build_store(
     )
     with StoreWriter(store_dir, spec, shard_size) as writer, hooked_activations(model, layers, pooling) as captured, torch.no_grad():
         bar = tqdm(loader, desc=f"capture {','.join(layers)}", initial=done // batch_size,
-                   total=(spec.n_items + batch_size - 1) // batch_size, disable=not progress)
+                   total=(spec.n_items + batch_size - 1) // batch_size, disable=bars_off(progress))
         for x_model, x_clip, labels in bar:
             x_model = x_model.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(x_model)
+                logits = forward_checked(model, x_model)
             rows = {acts_field(layer): captured[layer].to(dtype) for layer in layers}
             rows["label"] = torch.as_tensor(labels, dtype=torch.long)
             rows["pred"] = logits.argmax(-1).cpu()

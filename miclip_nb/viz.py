@@ -111,3 +111,14 @@ def figure_png(fig: plt.Figure, dpi: int = 90) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
+
+
+def to_uint8(images_n3hw, mean: float | Sequence[float] = 0.5, std: float | Sequence[float] = 0.5) -> np.ndarray:
+    """Undo a (x - mean) / std normalisation for display: (N, 3, H, W) tensor -> (N, H, W, 3) uint8.
+
+    The defaults fit the toy models and ToyCLIP (images in [-1, 1]).
+    """
+    x = np.asarray(images_n3hw.detach().cpu() if hasattr(images_n3hw, "detach") else images_n3hw, dtype=np.float32)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.clip((x * s + m) * 255.0, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)

@@ -16,7 +16,7 @@ import torch
 
 from . import viz
 from .capture import capture
-from .interpret import describe, localize
+from .interpret import describe, encode_concepts, localize
 
 
 @dataclass
@@ -57,7 +57,10 @@ def search_concept(state: ExplorerState, text: str, tau: int) -> list[tuple[int,
     text = (text or "").strip()
     if not text:
         raise ValueError("type a concept first")
-    emb = state.encode_text(text) if state.encode_text is not None else state.backend.encode_texts([text])[0]
+    if state.encode_text is not None:
+        emb = state.encode_text(text)
+    else:
+        emb = encode_concepts(state.backend, [text])[0]
     units, scores = localize(state.unit_emb_ud, emb, tau)
     return list(zip(units.tolist(), scores.tolist()))
 
@@ -135,3 +138,34 @@ def unit_inspector_panel(state: ExplorerState, tau: int = 5, k_images: int = 8) 
     show()
     box = W.VBox([unit, status, W.HBox([table, hist]), images])
     return {"widget": box, "parts": {"unit": unit, "status": status, "table": table, "images": images, "histogram": hist}}
+
+
+def failure_panel(trajectories, images_uint8: np.ndarray | None, class_names) -> dict:
+    """Pick a misclassified image -> its layer-wise trajectory plot and per-layer top concepts.
+
+    trajectories: diagnose.Trajectory list; images_uint8: (M, H, W, 3) images in the same order
+    (or None).
+    """
+    options = [(f"#{i}: {class_names[t.true_label]} → {class_names[t.wrong_label]}", i) for i, t in enumerate(trajectories)]
+    pick = W.Dropdown(options=options, description="failure")
+    image = W.Image(format="png")
+    plot = W.Image(format="png")
+    table = W.HTML()
+
+    def show(_=None):
+        t = trajectories[pick.value]
+        fig = viz.trajectory_plot(t.layers, t.sim_true, t.sim_wrong, class_names[t.true_label], class_names[t.wrong_label],
+                                  t.best_layer, t.overtake_layer)
+        plot.value = viz.figure_png(fig)
+        if images_uint8 is not None:
+            image.value = viz.figure_png(viz.image_grid(images_uint8[pick.value][None], size=1.8))
+        marks = {t.best_layer: " ★", t.overtake_layer: " ✖"}
+        rows = [(layer + marks.get(i, ""), round(float(t.sim_true[i]), 3), round(float(t.sim_wrong[i]), 3),
+                 ", ".join(c for c, _ in t.top_concepts[i])) for i, layer in enumerate(t.layers)]
+        table.value = _table(rows, ("layer", "cos(GT)", "cos(Mis.)", "closest concepts"))
+
+    pick.observe(show, names="value")
+    if options:
+        show()
+    box = W.VBox([pick, W.HBox([image, plot]), table])
+    return {"widget": box, "parts": {"failure": pick, "image": image, "plot": plot, "table": table}}

@@ -205,7 +205,7 @@ def _load_clip_classifier(spec: str, pretrained: bool, weights_path, class_names
     arch, _, tag = spec.partition("/")
     backend = load_clip(arch, (tag or "openai") if pretrained and weights_path is None else None, checkpoint_path=weights_path)
     names = list(class_names) if class_names is not None else imagenet_class_names()
-    class_emb = build_concept_bank(backend, names, templates)
+    class_emb = build_concept_bank(backend, names, templates, allow_duplicates=True)
     module = ZeroShotClassifier(backend.model.visual, class_emb)
     return TargetModel(module, backend.preprocess, names, f"clip:{spec}", layer or PAPER_LAYERS.get(f"clip:{arch}"),
                        fingerprint=f"clip:{backend.fingerprint}:{state_fingerprint(module)}")

@@ -114,3 +114,11 @@ def test_random_selector_is_seeded_and_distinct():
     assert len(set(a.select(0, 50).tolist())) == 50
     with pytest.raises(ValueError, match="tau"):
         a.select(0, 101)
+
+
+def test_wrong_input_shape_is_a_clear_error(tiny_cnn):
+    from miclip_nb.capture import InputShapeError, capture
+
+    with pytest.raises(InputShapeError, match=r"\(2, 1, 64, 64\)"):
+        capture(tiny_cnn, torch.randn(2, 1, 64, 64), "layer2")
+    assert all(not m._forward_hooks for m in tiny_cnn.modules())

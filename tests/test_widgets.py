@@ -21,7 +21,8 @@ def _state():
     rng = np.random.default_rng(0)
     acts = torch.from_numpy(rng.random((20, 8)).astype(np.float32))
     images = rng.integers(0, 255, (20, 16, 16, 3), dtype=np.uint8)
-    return ExplorerState(unit_emb, backend, WORDS, backend.encode_texts(WORDS), acts, images, "stages.2", "neuron")
+    return ExplorerState(unit_emb, backend, WORDS, backend.encode_texts(WORDS), acts, images, "stages.2", "neuron",
+                         encode_text=lambda text: backend.encode_texts([text])[0])
 
 
 def test_search_concept_ranks_units_of_that_concept():

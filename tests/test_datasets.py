@@ -1,0 +1,230 @@
+"""Dataset layouts, the errors bad folders give, and capture on real photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from miclip_nb.datasets import (
+    DatasetError,
+    PairedTransform,
+    UnreadableImageError,
+    image_folder,
+    imagenet_sample,
+    imagenet_val,
+    load_image,
+    open_dataset,
+)
+from miclip_nb.shapes import ShapesDataset
+
+SAMPLE_NAMES = ["0000_n01440764_tench.jpg", "0002_n01484850_great_white_shark.jpg", "0004_n01494475_hammerhead.jpg"]
+
+
+def write_jpeg(path, seed: int, size=(40, 30)) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format="JPEG", quality=85)
+
+
+@pytest.fixture
+def sample_dir(tmp_path):
+    """A tiny folder in the imagenet-sample-500 layout, with a README beside the photos."""
+    root = tmp_path / "imagenet-sample"
+    for seed, name in enumerate(SAMPLE_NAMES):
+        write_jpeg(root / name, seed)
+    (root / "README.md").write_text("not an image")
+    return root
+
+
+# ---------------------------------------------------------------- imagenet-sample layout
+
+
+def test_imagenet_sample_layout(sample_dir):
+    ds = imagenet_sample(sample_dir)
+    assert len(ds) == 3
+    assert [f.name for f in ds.files] == SAMPLE_NAMES
+    assert ds.labels == [0, 2, 4]
+    assert len(ds.classes) == 1000
+    assert ds.classes[0] == "tench" and ds.classes[2] == "great white shark" and ds.classes[4] == "hammerhead"
+    img, label = ds[1]
+    assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (40, 30) and label == 2
+    assert open_dataset(sample_dir).fingerprint == ds.fingerprint  # detected from the file names
+
+
+def test_imagenet_sample_wrong_index_for_wnid_raises(sample_dir):
+    write_jpeg(sample_dir / "0001_n01440764_tench.jpg", 9)  # n01440764 is class 0, not 1
+    with pytest.raises(DatasetError, match="0001_n01440764_tench.jpg.*index 1"):
+        imagenet_sample(sample_dir)
+
+
+def test_imagenet_sample_folder_without_such_files_raises(tmp_path):
+    write_jpeg(tmp_path / "photo.jpg", 0)
+    with pytest.raises(DatasetError, match="0000_n01440764_tench.jpg"):
+        imagenet_sample(tmp_path)
+
+
+def test_fingerprint_follows_the_content(sample_dir):
+    before = imagenet_sample(sample_dir).fingerprint
+    assert imagenet_sample(sample_dir).fingerprint == before
+    write_jpeg(sample_dir / SAMPLE_NAMES[0], 42, size=(50, 50))  # same name, new photo
+    assert imagenet_sample(sample_dir).fingerprint != before
+
+
+def test_transform_is_applied(sample_dir):
+    ds = imagenet_sample(sample_dir, transform=lambda img: img.size)
+    assert ds[0] == ((40, 30), 0)
+
+
+# ---------------------------------------------------------------- ImageFolder and wnid layouts
+
+
+def test_image_folder_labels_follow_sorted_class_folders(tmp_path):
+    write_jpeg(tmp_path / "dog" / "b.jpg", 0)
+    write_jpeg(tmp_path / "cat" / "a.jpg", 1)
+    write_jpeg(tmp_path / "cat" / "nested" / "c.jpg", 2)
+    Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "d.png")
+    (tmp_path / "dog" / "notes.txt").write_text("skip me")
+    ds = image_folder(tmp_path)
+    assert ds.classes == ["cat", "dog"]
+    assert [(f.relative_to(tmp_path).as_posix(), y) for f, y in zip(ds.files, ds.labels)] == [
+        ("cat/a.jpg", 0), ("cat/nested/c.jpg", 0), ("dog/b.jpg", 1), ("dog/d.png", 1)]
+    ds_open = open_dataset(tmp_path)
+    assert ds_open.classes == ["cat", "dog"] and len(ds_open) == 4
+
+
+def test_imagenet_val_wnid_layout(tmp_path):
+    write_jpeg(tmp_path / "n01443537" / "ILSVRC2012_val_00000001.JPEG", 0)
+    write_jpeg(tmp_path / "n01440764" / "ILSVRC2012_val_00000002.JPEG", 1)
+    write_jpeg(tmp_path / "n01440764" / "ILSVRC2012_val_00000003.JPEG", 2)
+    ds = open_dataset(tmp_path)  # detected as the wnid layout
+    assert ds.labels == [0, 0, 1]  # standard ImageNet-1k indices, not folder ranks
+    assert ds.classes[1] == "goldfish"
+    assert imagenet_val(tmp_path).fingerprint == ds.fingerprint
+
+
+def test_imagenet_val_rejects_non_wnid_folders(tmp_path):
+    write_jpeg(tmp_path / "n01440764" / "a.JPEG", 0)
+    write_jpeg(tmp_path / "cats" / "b.JPEG", 1)
+    with pytest.raises(DatasetError, match="cats.*wnid"):
+        imagenet_val(tmp_path)
+
+
+# ---------------------------------------------------------------- bad folders and images
+
+
+@pytest.mark.parametrize("loader", [open_dataset, image_folder, imagenet_val, imagenet_sample])
+def test_missing_folder_raises(tmp_path, loader):
+    with pytest.raises(DatasetError, match="does not exist"):
+        loader(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("loader", [open_dataset, image_folder, imagenet_val, imagenet_sample])
+def test_empty_folder_raises(tmp_path, loader):
+    (tmp_path / "empty_class").mkdir()  # a class folder without images is still empty
+    with pytest.raises(DatasetError, match="no "):
+        loader(tmp_path if loader is not imagenet_val else tmp_path / "empty_class")
+
+
+def test_file_instead_of_folder_raises(tmp_path):
+    write_jpeg(tmp_path / "x.jpg", 0)
+    with pytest.raises(DatasetError, match="not a folder"):
+        open_dataset(tmp_path / "x.jpg")
+
+
+def test_dataset_error_is_a_value_error():
+    assert issubclass(DatasetError, ValueError)
+
+
+def test_garbage_image_raises_naming_the_file(tmp_path):
+    bad = tmp_path / "cls" / "broken.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x00garbage, not a JPEG" * 10)
+    with pytest.raises(UnreadableImageError, match="broken.jpg"):
+        load_image(bad)
+    ds = image_folder(tmp_path)  # listing works; reading the item fails clearly
+    with pytest.raises(UnreadableImageError, match=str(bad)):
+        ds[0]
+
+
+def test_truncated_jpeg_raises_naming_the_file(tmp_path):
+    good = tmp_path / "good.jpg"
+    write_jpeg(good, 0, size=(64, 64))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(UnreadableImageError, match="cut.jpg"):
+        load_image(cut)
+
+
+def test_grey_and_rgba_images_come_out_rgb(tmp_path):
+    Image.new("L", (5, 5), 3).save(tmp_path / "grey.png")
+    Image.new("RGBA", (5, 5), (1, 2, 3, 4)).save(tmp_path / "rgba.png")
+    assert load_image(tmp_path / "grey.png").mode == "RGB"
+    assert load_image(tmp_path / "rgba.png").getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_unreadable_image_surfaces_from_build_store(tmp_path):
+    """Capture over a folder with a broken file stops with the file's name, not a torch traceback."""
+    import torch
+    from torch import nn
+
+    from miclip_nb.store import build_store
+    from miclip_nb.zoo import load_target
+
+    write_jpeg(tmp_path / "data" / "a" / "ok.jpg", 0)
+    (tmp_path / "data" / "a" / "zz_bad.jpg").write_bytes(b"nope")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    target = load_target(model, preprocess=lambda img: torch.zeros(3, 8, 8), class_names=["a", "b"])
+    with pytest.raises(UnreadableImageError, match="zz_bad.jpg"):
+        build_store(target, open_dataset(tmp_path / "data"), "0", root=tmp_path / "stores", progress=False)
+
+
+# ---------------------------------------------------------------- the Shapes world by spec
+
+
+def test_shapes_spec():
+    ds = open_dataset("shapes:spurious:7")
+    assert isinstance(ds, ShapesDataset) and ds.split == "spurious" and len(ds) == 7
+    assert ds.fingerprint != open_dataset("shapes:test:7").fingerprint
+    img, label = ds[0]
+    assert img.size == (64, 64) and 0 <= label < 6
+
+
+@pytest.mark.parametrize("spec", ["shapes:test", "shapes:test:many", "shapes:test:5:6", "shapes:test:-3"])
+def test_malformed_shapes_spec_raises(spec):
+    with pytest.raises(DatasetError, match="shapes:<split>:<n>"):
+        open_dataset(spec)
+
+
+@pytest.mark.parametrize("spec,match", [("shapes:nosplit:5", "unknown split"), ("shapes:test:0", "positive")])
+def test_bad_shapes_values_raise(spec, match):
+    with pytest.raises(ValueError, match=match):
+        open_dataset(spec)
+
+
+def test_paired_transform_needs_pil_images():
+    paired = PairedTransform(ShapesDataset("test", 2, transform=lambda img: 0), lambda img: img)
+    with pytest.raises(TypeError, match="PIL"):
+        paired[0]
+
+
+# ---------------------------------------------------------------- real photos (CI sets the folder)
+
+
+def test_capture_on_real_photos_with_efficientnet_lite0(imagenet_sample_dir, tmp_path):
+    from miclip_nb.store import build_store
+    from miclip_nb.zoo import load_target
+
+    ds = open_dataset(imagenet_sample_dir)
+    assert len(ds) >= 32
+    target = load_target("efficientnet_lite0")
+    store = build_store(target, ds, n_items=32, root=tmp_path, batch_size=16, progress=False)
+    assert store.complete and store.n_rows == 32
+    acts = store.acts()
+    assert acts.shape == (32, 192) and acts.isfinite().all()
+    assert (acts.std(0) > 0).float().mean() > 0.9  # real, varied activations
+    labels, preds = store.load("label"), store.load("pred")
+    assert labels.tolist() == ds.labels[:32]
+    accuracy = (preds == labels).float().mean().item()
+    # Chance is 1/1000; the real weights get about 0.84 on these photos.
+    assert accuracy >= 0.6, f"top-1 {accuracy:.2f} on 32 real photos"
