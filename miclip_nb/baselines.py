@@ -1,0 +1,735 @@
+"""Baseline unit-selection methods: Act-Values, Network Dissection, CLIP-Dissect and Captum.
+
+Every method produces a ``(C, U)`` score matrix (concepts x units, higher = better unit for concept
+c); :class:`~miclip_nb.select.ScoreSelector` turns it into a selector, so the delta-accuracy harness
+(:func:`miclip_nb.pipeline.intervention_table`) runs all methods alike. A row of NaN means "no
+evidence for this concept" (no probing image had it); do not select from such a row.
+
+- **Act-Values** (:func:`act_values_scores`, :func:`act_values_from_store`): a unit's mean pooled
+  activation over the concept's images (the activation-magnitude assumption the paper criticises).
+- **Network Dissection** (:func:`netdissect_scores`, Bau et al. 2017): per unit, threshold the
+  spatial activation map at its top-0.5% quantile over the probing set, upsample (bilinear) to the
+  mask size, and score IoU = sum of intersections / sum of unions with the concept's masks over the
+  probing set. Masks come from a :class:`MaskProbe`: the Shapes world (:class:`ShapesMaskProbe`) or a
+  Broden-style folder (:class:`FolderMaskProbe`).
+- **CLIP-Dissect** (:func:`soft_wpmi`, :func:`clip_dissect_from_store`, Oikarinen & Weng 2023):
+  soft-WPMI between the unit's top-activating probing images and CLIP's image-concept similarities.
+- **Captum** (:func:`captum_unit_attributions`, :func:`captum_scores`): the attribution of the
+  class logit to each unit by captum's LayerConductance, LayerIntegratedGradients or
+  LayerGradientXActivation, summed over locations/tokens, averaged over the class's images.
+
+:func:`removal_vs_random` is the "removing the top units hurts more than removing random ones" check
+used on real images (EfficientNet-Lite0 on imagenet-sample-500, see ``python -m
+miclip_nb.baselines --help``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import hooked_activations, num_prefix_tokens, resolve_layer, spatial_map
+from .select import RandomSelector, ScoreSelector, selection
+from .store import ActivationStore, acts_field
+from ._progress import bars_off
+
+#: Display names of the baselines, as they appear in the tables.
+ACT_VALUES = "Act-Values"
+NETDISSECT = "NetDissect"
+CLIP_DISSECT = "CLIP-Dissect"
+#: captum method key -> display name.
+CAPTUM_METHODS: dict[str, str] = {
+    "conductance": "Captum-Conductance",
+    "integrated_gradients": "Captum-IG",
+    "grad_x_act": "Captum-GxA",
+}
+
+
+def _device(device) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _membership(member, n_rows: int, n_concepts: int | None) -> torch.Tensor:
+    """(N,) integer labels or (N, C) bool/0-1 membership -> (N, C) float membership."""
+    member = member if isinstance(member, torch.Tensor) else torch.as_tensor(np.asarray(member))
+    if member.shape[0] != n_rows:
+        raise ValueError(f"{n_rows} activation rows but {member.shape[0]} labels")
+    if member.ndim == 1:
+        if member.is_floating_point():
+            raise ValueError("1-D labels must be integers (class indices)")
+        if n_rows and int(member.min()) < 0:
+            raise ValueError("labels must be >= 0")
+        n = n_concepts if n_concepts is not None else (int(member.max()) + 1 if n_rows else 0)
+        if n_rows and int(member.max()) >= n:
+            raise ValueError(f"label {int(member.max())} is out of range for {n} concepts")
+        return F.one_hot(member.long(), n).float()
+    if member.ndim != 2:
+        raise ValueError(f"membership must be (N,) labels or (N, C), got {tuple(member.shape)}")
+    if n_concepts is not None and member.shape[1] != n_concepts:
+        raise ValueError(f"membership has {member.shape[1]} concepts, expected {n_concepts}")
+    return member.float()
+
+
+def _warn_empty(counts_c: torch.Tensor, what: str) -> None:
+    empty = torch.nonzero(counts_c == 0).flatten().tolist()
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+        warnings.warn(f"{what}: no probing image for concept(s) {shown}; their score rows are NaN", stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Act-Values
+
+
+class MeanActivation:
+    """Streaming accumulator of per-concept mean activations (Act-Values).
+
+    ``update(acts_nu, member)`` with (N, U) pooled activations and (N,) class labels or (N, C)
+    membership; ``scores()`` returns (C, U), NaN rows for concepts that no image had.
+    """
+
+    def __init__(self, n_concepts: int | None = None, name: str = ACT_VALUES):
+        self.n_concepts, self.name = n_concepts, name
+        self.sums_cu: torch.Tensor | None = None
+        self.counts_c: torch.Tensor | None = None
+
+    def update(self, acts_nu: torch.Tensor, member) -> None:
+        acts_nu = torch.as_tensor(acts_nu).double()
+        if acts_nu.ndim != 2:
+            raise ValueError(f"expected pooled activations (N, U), got {tuple(acts_nu.shape)}")
+        if not torch.isfinite(acts_nu).all():
+            raise ValueError("activations contain NaN or inf")
+        m = _membership(member, acts_nu.shape[0], self.n_concepts).double()
+        if self.sums_cu is None:
+            self.n_concepts = m.shape[1]
+            self.sums_cu = torch.zeros(m.shape[1], acts_nu.shape[1], dtype=torch.float64)
+            self.counts_c = torch.zeros(m.shape[1], dtype=torch.float64)
+        elif acts_nu.shape[1] != self.sums_cu.shape[1]:
+            raise ValueError(f"batch has {acts_nu.shape[1]} units, earlier batches {self.sums_cu.shape[1]}")
+        self.sums_cu += m.T @ acts_nu
+        self.counts_c += m.sum(0)
+
+    def scores(self) -> torch.Tensor:
+        if self.sums_cu is None:
+            raise ValueError("no activations were given")
+        _warn_empty(self.counts_c, self.name)
+        out = self.sums_cu / self.counts_c[:, None]
+        out[self.counts_c == 0] = float("nan")
+        return out.float()
+
+
+def act_values_scores(acts_nu: torch.Tensor, member, n_concepts: int | None = None) -> torch.Tensor:
+    """Act-Values: (C, U) mean activation of each unit over each concept's images.
+
+    acts_nu: (N, U) pooled activations; member: (N,) integer class labels or (N, C) bool
+    membership (an image may have several concepts); n_concepts: C (default: max label + 1).
+    Rows of concepts with no image are NaN (with a warning). Raises ValueError for mismatched
+    lengths, non-finite activations or labels out of range.
+    """
+    acc = MeanActivation(n_concepts)
+    acc.update(acts_nu, member)
+    return acc.scores()
+
+
+def act_values_from_store(store: ActivationStore, layer: str | None = None, n_classes: int | None = None,
+                          label_field: str = "label") -> torch.Tensor:
+    """Act-Values by class from an activation store, one shard in memory at a time.
+
+    ``label_field``: "label" (true class, default) or "pred" (predicted class). Returns (C, U).
+    """
+    field = acts_field(layer or store.layers[0])
+    if n_classes is None:
+        n_classes = max(int(s[label_field].max()) for s in store.iter_shards([label_field])) + 1
+    if len(store.fields[field]) != 1:
+        raise ValueError(f"Act-Values needs pooled activations (N, U); {field} rows have shape {store.fields[field]}")
+    acc = MeanActivation(n_classes)
+    for shard in store.iter_shards([field, label_field]):
+        acc.update(shard[field], shard[label_field])
+    return acc.scores()
+
+
+# --------------------------------------------------------------------------------------------
+# Probing sets with masks (Network Dissection)
+
+
+@runtime_checkable
+class MaskProbe(Protocol):
+    """A probing set with per-pixel concept masks.
+
+    ``concepts``: C names; ``len(probe)``: number of images; ``batch(indices)`` returns
+    ``(images (B, 3, H, W) preprocessed for the model, masks (B, C, H', W') bool)``.
+    """
+
+    concepts: list[str]
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class ShapesMaskProbe:
+    """The Shapes world as a probing set: images ``start .. start + n - 1`` of ``split`` with the
+    masks of :data:`~miclip_nb.shapes.CONCEPTS` (a class concept is its shape's mask).
+
+    ``preprocess``: PIL image -> (3, H, W) tensor (default: the toy models' ``shapes.to_tensor``);
+    masks keep the world's image size (64 px). Also exposes ``attributes(indices)`` ((B, 3) shape,
+    colour, texture indices).
+    """
+
+    def __init__(self, split: str = "balanced", n: int = 2000, *, start: int = 0, cfg=None, preprocess: Callable | None = None):
+        from . import shapes
+
+        if split not in shapes.SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {sorted(shapes.SPLITS)}")
+        if n <= 0 or start < 0:
+            raise ValueError("n must be positive and start non-negative")
+        self.split, self.n, self.start = split, n, start
+        self.cfg = cfg or shapes.WorldConfig()
+        self.preprocess = preprocess
+        self.concepts = list(shapes.CONCEPTS)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def samples(self, indices: Sequence[int]):
+        from . import shapes
+
+        for i in indices:
+            if not 0 <= int(i) < self.n:
+                raise IndexError(f"index {i} out of range for a probe of {self.n} images")
+        return [shapes.render(self.cfg, self.split, self.start + int(i)) for i in indices]
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        from . import shapes
+
+        samples = self.samples(indices)
+        if self.preprocess is None:
+            x = torch.stack([shapes.to_tensor(s.image) for s in samples])
+        else:
+            x = torch.stack([self.preprocess(Image.fromarray(s.image)) for s in samples])
+        masks = torch.from_numpy(np.stack([s.concept_masks() for s in samples]))
+        return x, masks
+
+    def attributes(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        """(B, 3) (shape, colour, texture) indices of the probe images (all when ``indices`` is None)."""
+        indices = range(self.n) if indices is None else indices
+        return np.array([[s.shape, s.color, s.texture] for s in self.samples(indices)])
+
+
+class FolderMaskProbe:
+    """A Broden-style folder of images and per-concept masks::
+
+        <root>/images/<name>.jpg              (or .png, .jpeg, ...: any image PIL reads)
+        <root>/masks/<concept>/<name>.png     (nonzero pixels = concept present; same size as the image)
+
+    An image without a mask file for a concept does not contain it. ``concepts``: which concept
+    folders to use (default: all, sorted). ``preprocess``: PIL -> (3, H, W) model input.
+    ``mask_transform``: PIL mask ("L") -> (H', W') bool tensor, aligned with the *preprocessed*
+    image; the default resizes (nearest) to the preprocessed image's size, which is right for
+    plain resizing but not for crops: with a crop, pass the same geometric transform here.
+
+    Raises :class:`~miclip_nb.datasets.DatasetError` when the folder, ``images/`` or ``masks/`` is
+    missing or empty, a concept has no folder, or a mask names no image.
+    """
+
+    def __init__(self, root: str | Path, preprocess: Callable, concepts: Sequence[str] | None = None,
+                 mask_transform: Callable | None = None):
+        from .datasets import IMAGE_EXTENSIONS, DatasetError
+
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"mask probe folder does not exist: {root}")
+        image_dir, mask_dir = root / "images", root / "masks"
+        layout = "expected <root>/images/<name>.jpg and <root>/masks/<concept>/<name>.png"
+        if not image_dir.is_dir():
+            raise DatasetError(f"{root} has no images/ folder ({layout})")
+        if not mask_dir.is_dir():
+            raise DatasetError(f"{root} has no masks/ folder ({layout})")
+        self.image_files = sorted(f for f in image_dir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.image_files:
+            raise DatasetError(f"no images in {image_dir} ({layout})")
+        available = sorted(d.name for d in mask_dir.iterdir() if d.is_dir())
+        if not available:
+            raise DatasetError(f"no concept folders in {mask_dir} ({layout})")
+        if concepts is None:
+            concepts = available
+        missing = [c for c in concepts if c not in available]
+        if missing:
+            raise DatasetError(f"no mask folder for concept(s) {missing} in {mask_dir}; available: {available}")
+        stems = {f.stem for f in self.image_files}
+        self.concepts = list(concepts)
+        self.mask_files: list[dict[int, Path]] = [{} for _ in self.image_files]
+        index = {f.stem: i for i, f in enumerate(self.image_files)}
+        for ci, concept in enumerate(self.concepts):
+            for m in sorted((mask_dir / concept).iterdir()):
+                if m.suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                if m.stem not in stems:
+                    raise DatasetError(f"mask {m} names no image in {image_dir}")
+                self.mask_files[index[m.stem]][ci] = m
+        self.preprocess, self.mask_transform = preprocess, mask_transform
+
+    def __len__(self) -> int:
+        return len(self.image_files)
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        from .datasets import DatasetError, load_image
+
+        xs, ms = [], []
+        for i in indices:
+            img = load_image(self.image_files[int(i)])
+            x = self.preprocess(img)
+            size = tuple(x.shape[-2:])
+            masks = torch.zeros(len(self.concepts), *size, dtype=torch.bool)
+            for ci, path in self.mask_files[int(i)].items():
+                with Image.open(path) as m:
+                    mask = m.convert("L")
+                if mask.size != img.size:
+                    raise DatasetError(f"mask {path} is {mask.size[0]}x{mask.size[1]}, its image {img.size[0]}x{img.size[1]}")
+                if self.mask_transform is not None:
+                    masks[ci] = torch.as_tensor(np.asarray(self.mask_transform(mask))).bool()
+                else:
+                    masks[ci] = torch.from_numpy(np.asarray(mask.resize(size[::-1], Image.NEAREST)) > 0)
+            xs.append(x)
+            ms.append(masks)
+        return torch.stack(xs), torch.stack(ms)
+
+
+# --------------------------------------------------------------------------------------------
+# Network Dissection
+
+
+def _batches(n: int, batch_size: int) -> Iterable[range]:
+    for start in range(0, n, batch_size):
+        yield range(start, min(start + batch_size, n))
+
+
+@torch.no_grad()
+def _spatial_maps(model: nn.Module, layer: str, x: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    with hooked_activations(model, layer, "none") as acts:
+        model(x)
+    return spatial_map(acts[layer].float(), n_prefix)
+
+
+@torch.no_grad()
+def netdissect_thresholds(model: nn.Module, layer: str, probe: MaskProbe, *, quantile: float = 0.995,
+                          max_samples: int = 100_000, batch_size: int = 64, seed: int = 0,
+                          device=None, progress: bool = False) -> torch.Tensor:
+    """Per-unit activation thresholds T_u: the ``quantile`` of the unit's activations over all
+    locations (CNN positions / ViT patch tokens, prefix tokens excluded) of all probe images.
+
+    Exact when the probe has at most ``max_samples`` locations per unit; otherwise estimated from
+    a seeded uniform subsample of ``max_samples`` locations (the same locations for every unit), so
+    memory stays at U x max_samples floats whatever the probe size. Returns (U,) float.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    device = _device(device)
+    model = model.to(device).eval()
+    n_prefix = num_prefix_tokens(model)
+    gen = torch.Generator().manual_seed(seed)
+    kept: list[torch.Tensor] = []
+    fraction = None
+    for idx in tqdm(list(_batches(len(probe), batch_size)), desc="netdissect thresholds", disable=bars_off(progress)):
+        x, _ = probe.batch(idx)
+        maps = _spatial_maps(model, layer, x.to(device), n_prefix).cpu()
+        flat = maps.permute(1, 0, 2, 3).reshape(maps.shape[1], -1)  # (U, B*h*w)
+        if fraction is None:
+            total = len(probe) * maps.shape[2] * maps.shape[3]
+            fraction = min(1.0, max_samples / total)
+        if fraction < 1.0:
+            k = max(1, round(fraction * flat.shape[1]))
+            flat = flat[:, torch.randperm(flat.shape[1], generator=gen)[:k]]
+        kept.append(flat)
+    values = torch.cat(kept, dim=1).sort(dim=1).values
+    pos = quantile * (values.shape[1] - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return values[:, lo] + (pos - lo) * (values[:, hi] - values[:, lo])
+
+
+@torch.no_grad()
+def netdissect_scores(model: nn.Module, layer: str, probe: MaskProbe, *, quantile: float = 0.995,
+                      thresholds: torch.Tensor | None = None, max_samples: int = 100_000, batch_size: int = 64,
+                      chunk_elements: int = 1 << 23, seed: int = 0, device=None, progress: bool = False) -> torch.Tensor:
+    """Network Dissection: (C, U) IoU between each unit's thresholded, upsampled activation map and
+    each concept's masks, accumulated over the probe (sum of intersections / sum of unions).
+
+    Two passes over ``probe``: thresholds (:func:`netdissect_thresholds`, skipped when given), then
+    IoU. Activation maps (CNN (N, C, H, W), or ViT patch tokens reshaped by capture.spatial_map)
+    are upsampled bilinearly to the mask size and compared with ``> T_u``. Memory is bounded by
+    ``batch_size`` images and ``chunk_elements`` booleans per step. Concepts absent from every
+    probe image get an IoU of 0 (with a warning).
+    """
+    device = _device(device)
+    model = model.to(device).eval()
+    if thresholds is None:
+        thresholds = netdissect_thresholds(model, layer, probe, quantile=quantile, max_samples=max_samples,
+                                           batch_size=batch_size, seed=seed, device=device, progress=progress)
+    thr = thresholds.to(device).float()
+    n_prefix = num_prefix_tokens(model)
+    inter_cu = act_u = mask_c = None
+    for idx in tqdm(list(_batches(len(probe), batch_size)), desc="netdissect IoU", disable=bars_off(progress)):
+        x, masks = probe.batch(idx)
+        maps = _spatial_maps(model, layer, x.to(device), n_prefix)
+        if maps.shape[1] != thr.numel():
+            raise ValueError(f"layer has {maps.shape[1]} units but {thr.numel()} thresholds were given")
+        masks = masks.to(device)
+        if inter_cu is None:
+            inter_cu = torch.zeros(masks.shape[1], maps.shape[1], dtype=torch.float64, device=device)
+            act_u = torch.zeros(maps.shape[1], dtype=torch.float64, device=device)
+            mask_c = torch.zeros(masks.shape[1], dtype=torch.float64, device=device)
+        size = tuple(masks.shape[-2:])
+        per_image = maps.shape[1] * size[0] * size[1]
+        step = max(1, chunk_elements // per_image)
+        for s in range(0, maps.shape[0], step):
+            up = F.interpolate(maps[s : s + step], size=size, mode="bilinear", align_corners=False)
+            on = (up > thr[None, :, None, None]).permute(1, 0, 2, 3).reshape(maps.shape[1], -1).float()  # (U, P)
+            m = masks[s : s + step].permute(1, 0, 2, 3).reshape(masks.shape[1], -1).float()  # (C, P)
+            inter_cu += (m @ on.T).double()
+            act_u += on.sum(1).double()
+            mask_c += m.sum(1).double()
+    if inter_cu is None:
+        raise ValueError("the probe is empty")
+    _warn_empty(mask_c.cpu(), NETDISSECT)
+    union = act_u[None, :] + mask_c[:, None] - inter_cu
+    return torch.where(union > 0, inter_cu / union.clamp_min(1e-12), torch.zeros_like(union)).float().cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP-Dissect
+
+
+@dataclass(frozen=True)
+class SoftWPMIConfig:
+    """Hyper-parameters of CLIP-Dissect's soft-WPMI; defaults are the paper's/its code's."""
+
+    top_k: int = 100  # images per unit (its top-activating ones); capped at the probe size
+    temperature: float = 0.1  # P(c|x) = softmax_c(cos(I_x, T_c) / temperature) ("a = 10")
+    lam: float = 1.0  # weight lambda of the concept prior log P(c)
+    p_start: float = 0.998  # probability that the most activating image is "in" the unit's set
+    p_end: float = 0.97  # ... decreasing linearly to this for the top_k-th image
+    min_prob: float = 1e-7  # floor inside the logarithm
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.temperature <= 0:
+            raise ValueError("top_k must be >= 1 and temperature > 0")
+        if not 0.0 <= self.p_end <= self.p_start <= 1.0:
+            raise ValueError("need 0 <= p_end <= p_start <= 1")
+
+
+def _concept_probs(image_emb_nd: torch.Tensor, concept_emb_cd: torch.Tensor, temperature: float) -> torch.Tensor:
+    if image_emb_nd.shape[1] != concept_emb_cd.shape[1]:
+        raise ValueError(f"image embeddings have size {image_emb_nd.shape[1]}, concept embeddings {concept_emb_cd.shape[1]}")
+    sim = F.normalize(image_emb_nd.float(), dim=-1) @ F.normalize(concept_emb_cd.float(), dim=-1).T
+    return torch.softmax(sim / temperature, dim=1)
+
+
+def _wpmi_from_topk(top_idx_ku: torch.Tensor, probs_nc: torch.Tensor, cfg: SoftWPMIConfig, unit_chunk: int = 256) -> torch.Tensor:
+    k = top_idx_ku.shape[0]
+    p_in = (cfg.p_start - torch.arange(k, dtype=torch.float32) / k * (cfg.p_start - cfg.p_end))[:, None, None]
+    rows = []
+    for s in range(0, top_idx_ku.shape[1], unit_chunk):
+        p = probs_nc[top_idx_ku[:, s : s + unit_chunk]]  # (k, u, C)
+        # P(c | image in B_u) softened by how surely the image belongs to the unit's set.
+        rows.append(torch.log(1.0 + p_in * (p - 1.0) + cfg.min_prob).sum(0))  # (u, C)
+    log_cond_uc = torch.cat(rows)
+    log_prior_c = torch.logsumexp(log_cond_uc, dim=0) - math.log(log_cond_uc.shape[0])
+    return (log_cond_uc - cfg.lam * log_prior_c[None, :]).T.contiguous()
+
+
+def soft_wpmi(acts_nu: torch.Tensor, image_emb_nd: torch.Tensor, concept_emb_cd: torch.Tensor,
+              config: SoftWPMIConfig = SoftWPMIConfig()) -> torch.Tensor:
+    """CLIP-Dissect's soft-WPMI: (C, U) scores from pooled activations and CLIP embeddings.
+
+    acts_nu: (N, U) unit activations over the probing set; image_emb_nd: (N, D) CLIP image
+    embeddings of the same images; concept_emb_cd: (C, D) concept text embeddings. With
+    P(c|x) = softmax_c(cos / temperature) and B_u the top_k images of unit u, whose j-th image
+    belongs to B_u with probability p_j (linear from p_start to p_end):
+
+        log P(c | B_u) = sum_j log(1 - p_j + p_j P(c | x_j))
+        log P(c)       = log mean_u P(c | B_u)
+        wpmi(u, c)     = log P(c | B_u) - lam * log P(c)
+    """
+    acts_nu = torch.as_tensor(acts_nu).float()
+    if acts_nu.ndim != 2 or acts_nu.shape[0] != image_emb_nd.shape[0]:
+        raise ValueError(f"need (N, U) activations and (N, D) image embeddings, got {tuple(acts_nu.shape)} and {tuple(image_emb_nd.shape)}")
+    if not torch.isfinite(acts_nu).all():
+        raise ValueError("activations contain NaN or inf")
+    probs = _concept_probs(image_emb_nd, concept_emb_cd, config.temperature)
+    k = min(config.top_k, acts_nu.shape[0])
+    top_idx = torch.topk(acts_nu, k, dim=0).indices  # (k, U)
+    return _wpmi_from_topk(top_idx, probs, config)
+
+
+def clip_dissect_from_store(store: ActivationStore, concept_emb_cd: torch.Tensor, layer: str | None = None,
+                            config: SoftWPMIConfig = SoftWPMIConfig(), image_field: str = "clip_image") -> torch.Tensor:
+    """:func:`soft_wpmi` over a store (built with a CLIP backend), streaming over shards.
+
+    Keeps a running top_k per unit and the (N, C) concept probabilities of the probing images
+    (N x C floats; the activations themselves are never all in memory). Returns (C, U).
+    """
+    field = acts_field(layer or store.layers[0])
+    if image_field not in store.fields:
+        raise ValueError(f"store has no {image_field!r} field: build it with a CLIP backend (clip=...)")
+    top_v = top_i = None
+    probs, offset = [], 0
+    for shard in store.iter_shards([field, image_field]):
+        acts = shard[field].float()
+        if not torch.isfinite(acts).all():
+            raise ValueError("activations contain NaN or inf")
+        probs.append(_concept_probs(shard[image_field], concept_emb_cd, config.temperature))
+        idx = torch.arange(offset, offset + acts.shape[0])[:, None].expand_as(acts)
+        if top_v is not None:
+            acts, idx = torch.cat([top_v, acts]), torch.cat([top_i, idx])
+        k = min(config.top_k, acts.shape[0])
+        top_v, pos = torch.topk(acts, k, dim=0)
+        top_i = idx.gather(0, pos)
+        offset += shard[field].shape[0]
+    return _wpmi_from_topk(top_i, torch.cat(probs), config)
+
+
+# --------------------------------------------------------------------------------------------
+# Captum
+
+
+def _captum_method(method: str, model: nn.Module, layer_module: nn.Module):
+    from captum.attr import LayerConductance, LayerGradientXActivation, LayerIntegratedGradients
+
+    if method == "conductance":
+        return LayerConductance(model, layer_module)
+    if method == "integrated_gradients":
+        return LayerIntegratedGradients(model, layer_module)
+    if method == "grad_x_act":
+        return LayerGradientXActivation(model, layer_module)
+    raise ValueError(f"unknown captum method {method!r}; choose one of {list(CAPTUM_METHODS)}")
+
+
+def captum_unit_attributions(model: nn.Module, layer: str, images: torch.Tensor, targets, method: str = "integrated_gradients", *,
+                             n_steps: int = 16, batch_size: int = 32, internal_batch_size: int | None = None,
+                             device=None, progress: bool = False) -> torch.Tensor:
+    """Per-image unit importance for a class logit, by one of captum's layer methods.
+
+    images: (N, 3, H, W) preprocessed; targets: (N,) class index whose logit is attributed (an
+    int for all). ``method``: "conductance" (LayerConductance), "integrated_gradients"
+    (LayerIntegratedGradients) or "grad_x_act" (LayerGradientXActivation). The path methods start
+    from an all-zero *preprocessed* image (mid-grey for the toy models' [-1, 1] scaling and for
+    mean=std=0.5 models such as EfficientNet-Lite0; the dataset mean for ImageNet-normalised
+    models), with ``n_steps`` Gauss-Legendre steps. Attributions at the layer output are summed over
+    spatial positions (CNN) or over all tokens (ViT, class token included, as steering edits every
+    token). ``internal_batch_size``: images x steps per forward/backward of the path methods
+    (default min(batch_size * n_steps, 64), at least 2 * batch_size; it bounds memory).
+    Returns (N, U) float, signed (positive = the unit supports the class).
+    """
+    device = _device(device)
+    model = model.to(device).eval()
+    layer_module = resolve_layer(model, layer)
+    attributor = _captum_method(method, model, layer_module)
+    images = torch.as_tensor(images)
+    targets = torch.full((images.shape[0],), int(targets)) if isinstance(targets, int) else torch.as_tensor(targets).long()
+    if targets.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {targets.shape[0]} targets")
+    out = []
+    for idx in tqdm(list(_batches(images.shape[0], batch_size)), desc=f"captum {method}", disable=bars_off(progress)):
+        x = images[idx.start : idx.stop].to(device).float()
+        t = targets[idx.start : idx.stop].to(device)
+        if method == "grad_x_act":
+            attr = attributor.attribute(x, target=t)
+        else:
+            # Conductance differences consecutive steps, so captum needs >= 2 images' steps per chunk.
+            internal = max(2 * x.shape[0], internal_batch_size or min(x.shape[0] * n_steps, 64))
+            attr = attributor.attribute(x, baselines=torch.zeros_like(x), target=t, n_steps=n_steps,
+                                        internal_batch_size=internal)
+        if isinstance(attr, (tuple, list)):
+            attr = attr[0]
+        attr = attr.detach().float()
+        if attr.ndim == 4:
+            attr = attr.sum(dim=(2, 3))
+        elif attr.ndim == 3:
+            attr = attr.sum(dim=1)
+        elif attr.ndim != 2:
+            raise ValueError(f"cannot reduce attributions of shape {tuple(attr.shape)} to units")
+        out.append(attr.cpu())
+    return torch.cat(out)
+
+
+def captum_scores(model: nn.Module, layer: str, images: torch.Tensor, labels, method: str = "integrated_gradients", *,
+                  n_classes: int | None = None, **kwargs) -> torch.Tensor:
+    """Captum baseline: (C, U) mean attribution of class c's logit to each unit over class c's
+    images (target = the image's label). Classes without images get NaN rows. ``kwargs`` go to
+    :func:`captum_unit_attributions`.
+    """
+    labels = torch.as_tensor(labels).long()
+    attr = captum_unit_attributions(model, layer, images, labels, method, **kwargs)
+    acc = MeanActivation(n_classes, CAPTUM_METHODS[method])
+    acc.update(attr, labels)
+    return acc.scores()
+
+
+# --------------------------------------------------------------------------------------------
+# Harness helpers
+
+
+def score_selectors(scores: dict[str, torch.Tensor]) -> dict[str, list[ScoreSelector]]:
+    """``{name: (C, U) scores}`` -> ``{name: [ScoreSelector]}``, the input of
+    pipeline.intervention_table (baselines are deterministic: one selector each)."""
+    return {name: [ScoreSelector(name, s)] for name, s in scores.items()}
+
+
+@torch.no_grad()
+def pooled_activations(model: nn.Module, layer: str, images: torch.Tensor, pooling: str = "mean",
+                       batch_size: int = 256, device=None) -> torch.Tensor:
+    """(N, U) pooled activations of ``layer`` for (N, 3, H, W) preprocessed images (CPU float)."""
+    device = _device(device)
+    model = model.to(device).eval()
+    out = []
+    with hooked_activations(model, layer, pooling) as acts:
+        for s in range(0, images.shape[0], batch_size):
+            model(images[s : s + batch_size].to(device))
+            out.append(acts[layer].float().cpu())
+    return torch.cat(out)
+
+
+#: Every baseline :func:`class_baseline_scores` can compute.
+BASELINES: tuple[str, ...] = (ACT_VALUES, NETDISSECT, CLIP_DISSECT, *CAPTUM_METHODS.values())
+
+
+def class_baseline_scores(
+    model: nn.Module, layer: str, store: ActivationStore | None = None, *, methods: Sequence[str] = BASELINES,
+    n_classes: int | None = None, class_emb_cd: torch.Tensor | None = None, mask_probe: MaskProbe | None = None,
+    captum_images: torch.Tensor | None = None, captum_labels=None, wpmi: SoftWPMIConfig = SoftWPMIConfig(),
+    n_steps: int = 16, batch_size: int = 64, device=None, progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """(C, U) class scores of the requested baselines, for the delta-accuracy tables.
+
+    - Act-Values: mean pooled activation per class over ``store`` (its ``label`` field).
+    - CLIP-Dissect: soft-WPMI over ``store`` (needs its ``clip_image`` field) with the class text
+      embeddings ``class_emb_cd`` (C, D) as concepts.
+    - NetDissect: IoU with ``mask_probe``'s masks; its concepts' first C entries must be the
+      classes (true for :class:`ShapesMaskProbe`: SHAPES come first in CONCEPTS).
+    - Captum-*: attributions on ``captum_images`` / ``captum_labels`` (a few per class suffice).
+    Raises ValueError naming the input a requested method lacks, or an unknown method.
+    """
+    unknown = [m for m in methods if m not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+    out: dict[str, torch.Tensor] = {}
+    by_name = {v: k for k, v in CAPTUM_METHODS.items()}
+    for m in methods:
+        if m in (ACT_VALUES, CLIP_DISSECT) and store is None:
+            raise ValueError(f"{m} needs an activation store")
+        if m == ACT_VALUES:
+            out[m] = act_values_from_store(store, layer, n_classes)
+        elif m == CLIP_DISSECT:
+            if class_emb_cd is None:
+                raise ValueError("CLIP-Dissect needs class_emb_cd (the class text embeddings)")
+            out[m] = clip_dissect_from_store(store, class_emb_cd, layer, wpmi)
+        elif m == NETDISSECT:
+            if mask_probe is None:
+                raise ValueError("NetDissect needs a mask_probe")
+            s = netdissect_scores(model, layer, mask_probe, batch_size=batch_size, device=device, progress=progress)
+            out[m] = s[: n_classes or s.shape[0]]
+        else:
+            if captum_images is None or captum_labels is None:
+                raise ValueError(f"{m} needs captum_images and captum_labels")
+            out[m] = captum_scores(model, layer, captum_images, captum_labels, by_name[m], n_classes=n_classes,
+                                   n_steps=n_steps, batch_size=max(1, batch_size // 4), device=device, progress=progress)
+    return out
+
+
+def removal_vs_random(model: nn.Module, images: torch.Tensor, labels, layer: str, scores: dict[str, torch.Tensor], *,
+                      tau: int = 5, beta: float = 0.0, n_random: int = 20, n_other: int = 0,
+                      progress: bool = False) -> pd.DataFrame:
+    """Delta-accuracy of editing each class's top-``tau`` units per method, beside random units.
+
+    scores: ``{method: (C, U)}``; classes are those present in ``labels`` (their rows must not be
+    NaN). ``n_other`` other-class images per class are also run (0: own images only, the cheap
+    setting for one image per class). Returns one row per (method, draw): method, draw, delta_acc
+    (mean over classes, percent), acc_base, acc_edit.
+    """
+    from .steer import class_deltas
+
+    labels = torch.as_tensor(labels).long()
+    classes = sorted(set(labels.tolist()))
+    n_units = next(iter(scores.values())).shape[1]
+    sels: list[tuple[str, int, object]] = []
+    for name, s in scores.items():
+        if torch.isnan(s[classes]).any():
+            raise ValueError(f"{name}: NaN scores for classes present in labels")
+        sels.append((name, 0, ScoreSelector(name, s)))
+    sels += [("Random", i, RandomSelector(n_units, i)) for i in range(n_random)]
+    rows = []
+    for name, draw, sel in tqdm(sels, desc="removal", disable=bars_off(progress)):
+        df = class_deltas(model, images, labels, layer, selection(sel, classes, tau), mode="scale", beta=beta, n_other=n_other)
+        rows.append({"method": name, "draw": draw, "delta_acc": float(df["delta_acc"].mean()),
+                     "acc_base": float(df["acc_base"].mean()), "acc_edit": float(df["acc_edit"].mean())})
+    return pd.DataFrame(rows)
+
+
+def imagenet_sample_check(root: str | Path, *, n_classes: int | None = None, layer: str = "blocks.5", tau: int = 5,
+                          n_random: int = 20, captum: Sequence[str] = tuple(CAPTUM_METHODS), n_steps: int = 16,
+                          progress: bool = False) -> pd.DataFrame:
+    """Real-image check on an imagenet-sample folder (one photo per class) with EfficientNet-Lite0.
+
+    With one image per class, each class's scores come from that same image: Act-Values = its
+    pooled activations, Captum = its attributions for its own label. Removing (beta=0) each class's
+    top-``tau`` units is compared with ``n_random`` random draws. ``n_classes``: the first n files
+    only. Returns the rows of :func:`removal_vs_random` (one per method and random draw);
+    ``acc_base`` is the class accuracy before the edit.
+    """
+    from .datasets import open_dataset
+    from .zoo import load_target
+
+    target = load_target("efficientnet_lite0")
+    ds = open_dataset(root)
+    n = len(ds) if n_classes is None else min(n_classes, len(ds))
+    xs, ys = zip(*[(target.preprocess(ds[i][0]), ds[i][1]) for i in range(n)])
+    images, labels = torch.stack(xs), torch.as_tensor(ys)
+    n_all = len(target.class_names)
+    with warnings.catch_warnings():  # classes absent from the folder get NaN rows: expected here
+        warnings.filterwarnings("ignore", message=".*no probing image")
+        scores = {ACT_VALUES: act_values_scores(pooled_activations(target.module, layer, images, batch_size=32), labels, n_all)}
+        for m in captum:
+            scores[CAPTUM_METHODS[m]] = captum_scores(target.module, layer, images, labels, m, n_classes=n_all,
+                                                      n_steps=n_steps, batch_size=4, internal_batch_size=16,
+                                                      progress=progress)
+    return removal_vs_random(target.module, images, labels, layer, scores, tau=tau, n_random=n_random, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m miclip_nb.baselines [--n-classes N] [FOLDER]``: the EfficientNet-Lite0 check."""
+    import argparse
+    import os
+
+    from .datasets import IMAGENET_SAMPLE_ENV
+
+    p = argparse.ArgumentParser(description=imagenet_sample_check.__doc__.split("\n")[0])
+    p.add_argument("folder", nargs="?", default=os.environ.get(IMAGENET_SAMPLE_ENV))
+    p.add_argument("--n-classes", type=int, default=None)
+    p.add_argument("--n-random", type=int, default=20)
+    p.add_argument("--n-steps", type=int, default=16)
+    p.add_argument("--out", type=Path, default=None, help="CSV of the per-draw rows")
+    args = p.parse_args(argv)
+    if not args.folder:
+        p.error(f"give the folder or set ${IMAGENET_SAMPLE_ENV}")
+    df = imagenet_sample_check(args.folder, n_classes=args.n_classes, n_random=args.n_random, n_steps=args.n_steps, progress=True)
+    if args.out:
+        df.to_csv(args.out, index=False)
+    summary = df.groupby("method", sort=False).agg(delta_acc=("delta_acc", "mean"), delta_std=("delta_acc", "std"),
+                                                   acc_base=("acc_base", "mean"), n=("draw", "size"))
+    print(summary.to_string(float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
