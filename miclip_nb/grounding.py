@@ -1,0 +1,208 @@
+"""Spatial grounding: where in an image a unit or SAE feature fires, and how well that matches a mask.
+
+A heatmap is a unit's activation over a layer's locations (ViT patch tokens, CLS and other prefix
+tokens excluded; CNN positions), upsampled bilinearly to the image size. :func:`heatmap_iou`
+thresholds it per image and compares it with a boolean mask (on the Shapes world, the object mask
+of a colour or shape concept from ``Sample.concept_masks()``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .capture import hooked_activations, num_prefix_tokens, spatial_map
+
+
+def _module(target) -> torch.nn.Module:
+    return getattr(target, "module", target)
+
+
+@torch.no_grad()
+def _heatmaps(target, layer: str, images: torch.Tensor, value_fn: Callable[[torch.Tensor], torch.Tensor],
+              batch_size: int, device) -> np.ndarray:
+    """value_fn: per-location vectors (..., D) -> (..., 1) values; returns (N, H, W) float32."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+    model = _module(target)
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    n_prefix = num_prefix_tokens(model)
+    out = []
+    with hooked_activations(model, layer, "none") as captured:
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size].to(device)
+            model(x)
+            acts = captured[layer].float()
+            if acts.ndim == 3:  # (N, T, D) tokens -> values per token -> (N, 1, h, w) over patches
+                grid = spatial_map(value_fn(acts), n_prefix)
+            elif acts.ndim == 4:  # (N, C, H, W) -> channels last -> (N, 1, H, W)
+                grid = value_fn(acts.movedim(1, -1)).movedim(-1, 1)
+            else:
+                raise ValueError(f"layer {layer!r} has no spatial extent (output shape {tuple(acts.shape)})")
+            up = F.interpolate(grid.float(), size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+            out.append(up[:, 0].cpu())
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def feature_heatmaps(target, layer: str, sae, images: torch.Tensor, feature: int, *,
+                     batch_size: int = 64, device: str | torch.device | None = None) -> np.ndarray:
+    """Activation map of SAE feature ``feature`` at ``layer``.
+
+    target: a zoo.TargetModel or nn.Module; sae: a sae.TopKSAE trained on that layer; images:
+    (N, 3, H, W) preprocessed. Returns (N, H, W) float32: the feature's code at every patch token
+    (prefix tokens excluded) or CNN location, upsampled bilinearly to H x W. Raises IndexError for
+    a feature out of range, SAEMismatchError for a layer of another width.
+    """
+    if not 0 <= int(feature) < sae.n_latents:
+        raise IndexError(f"feature {feature} out of range for an SAE with {sae.n_latents} latents")
+    model_device = device
+    if model_device is None:
+        first = next(_module(target).parameters(), None)
+        model_device = first.device if first is not None else torch.device("cpu")
+    sae = sae.to(model_device)
+    return _heatmaps(target, layer, images, lambda v: sae.encode_features(v, [int(feature)]), batch_size, device)
+
+
+def neuron_heatmaps(target, layer: str, images: torch.Tensor, unit: int, *,
+                    batch_size: int = 64, device: str | torch.device | None = None) -> np.ndarray:
+    """Activation map of unit (channel / ViT dimension) ``unit`` at ``layer``: (N, H, W) float32,
+    as :func:`feature_heatmaps`. Raises IndexError for a unit out of range."""
+
+    def value(v: torch.Tensor) -> torch.Tensor:
+        if not 0 <= int(unit) < v.shape[-1]:
+            raise IndexError(f"unit {unit} out of range for a layer with {v.shape[-1]} units")
+        return v[..., int(unit) : int(unit) + 1]
+
+    return _heatmaps(target, layer, images, value, batch_size, device)
+
+
+def heatmap_masks(heatmaps_nhw: np.ndarray, quantile: float | None = 0.8, max_fraction: float | None = None) -> np.ndarray:
+    """Binarise heatmaps per image: pixels strictly above the image's ``quantile`` (top 1 -
+    quantile of pixels, fewer when values tie at the threshold, e.g. a feature silent on most of
+    the image), or with ``max_fraction`` instead, pixels >= max_fraction * the image's maximum
+    (none when the maximum is <= 0). Returns (N, H, W) bool. Raises ValueError unless exactly one
+    of the two is given, within (0, 1)."""
+    h = np.asarray(heatmaps_nhw, dtype=np.float64)
+    if h.ndim != 3:
+        raise ValueError(f"heatmaps must be (N, H, W), got {h.shape}")
+    if (quantile is None) == (max_fraction is None):
+        raise ValueError("give exactly one of quantile and max_fraction")
+    if quantile is not None:
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+        thr = np.quantile(h.reshape(h.shape[0], -1), quantile, axis=1)
+        return h > thr[:, None, None]
+    if not 0.0 < max_fraction <= 1.0:
+        raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+    peak = h.reshape(h.shape[0], -1).max(1)
+    return (h >= max_fraction * peak[:, None, None]) & (peak[:, None, None] > 0)
+
+
+def heatmap_iou(heatmaps_nhw: np.ndarray, masks_nhw: np.ndarray, quantile: float | None = 0.8,
+                max_fraction: float | None = None) -> np.ndarray:
+    """Per-image IoU between thresholded heatmaps (see :func:`heatmap_masks`) and boolean masks.
+
+    heatmaps_nhw: (N, H, W) floats; masks_nhw: (N, H, W) bool. Returns (N,) float; NaN where the
+    mask is empty (the concept is absent: average with np.nanmean). Raises ValueError for shapes
+    that differ.
+    """
+    masks = np.asarray(masks_nhw, dtype=bool)
+    if masks.shape != np.shape(heatmaps_nhw):
+        raise ValueError(f"heatmaps {np.shape(heatmaps_nhw)} and masks {masks.shape} differ in shape")
+    sel = heatmap_masks(heatmaps_nhw, quantile, max_fraction)
+    inter = (sel & masks).sum((1, 2))
+    union = (sel | masks).sum((1, 2))
+    iou = inter / np.maximum(union, 1)
+    return np.where(masks.any((1, 2)), iou, np.nan)
+
+
+def chance_iou(masks_nhw: np.ndarray, quantile: float = 0.8) -> np.ndarray:
+    """Expected IoU of a random selection of the top (1 - quantile) share of pixels with each mask
+    (area a, selected share s: a s / (a + s - a s)). Returns (N,), NaN for empty masks."""
+    masks = np.asarray(masks_nhw, dtype=bool)
+    a = masks.reshape(masks.shape[0], -1).mean(1)
+    s = 1.0 - quantile
+    return np.where(a > 0, a * s / np.maximum(a + s - a * s, 1e-12), np.nan)
+
+
+def shapes_grounding(target, layer: str, dataset, heatmap_fn: Callable[[torch.Tensor, int], np.ndarray],
+                     concept_units: dict[str, int], *, n_images: int = 300, quantile: float = 0.8,
+                     preprocess: Callable | None = None) -> pd.DataFrame:
+    """IoU of each concept's unit heatmap with that concept's masks on Shapes-world images.
+
+    dataset: a shapes.ShapesDataset (ground-truth masks via ``sample(i).concept_masks()``);
+    heatmap_fn(images (N, 3, H, W), unit) -> (N, H, W), e.g.
+    ``lambda x, f: feature_heatmaps(target, layer, sae, x, f)``; concept_units: {concept: unit}.
+    Only images where the concept is present count. Returns one row per concept: concept, unit,
+    n_images, iou (mean), chance_iou (random selection of the same size), area (mask share).
+    """
+    from .shapes import CONCEPTS
+
+    preprocess = preprocess or target.preprocess
+    n = min(n_images, len(dataset))
+    samples = [dataset.sample(i) for i in range(n)]
+    images = torch.stack([preprocess(_pil(s.image)) for s in samples])
+    masks = np.stack([s.concept_masks() for s in samples])  # (N, K, H, W)
+    rows = []
+    for concept, unit in concept_units.items():
+        c = CONCEPTS.index(concept)
+        present = masks[:, c].any((1, 2))
+        if not present.any():
+            rows.append({"concept": concept, "unit": int(unit), "n_images": 0, "iou": float("nan"),
+                         "chance_iou": float("nan"), "area": float("nan")})
+            continue
+        heat = heatmap_fn(images[torch.as_tensor(present)], int(unit))
+        m = masks[present, c]
+        if heat.shape != m.shape:  # the model's input size differs from the world's: resize maps
+            heat = F.interpolate(torch.as_tensor(heat)[:, None], size=m.shape[-2:], mode="bilinear",
+                                 align_corners=False)[:, 0].numpy()
+        rows.append({"concept": concept, "unit": int(unit), "n_images": int(present.sum()),
+                     "iou": float(np.nanmean(heatmap_iou(heat, m, quantile))),
+                     "chance_iou": float(np.nanmean(chance_iou(m, quantile))), "area": float(m.mean())})
+    return pd.DataFrame(rows)
+
+
+def _pil(image_hw3: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(image_hw3)
+
+
+
+def plot_heatmaps(images_uint8: np.ndarray, heatmaps_nhw: np.ndarray, titles: Sequence[str] | None = None, *,
+                  ncols: int = 6, alpha: float = 0.5, cmap: str = "jet", size: float = 1.6,
+                  suptitle: str | None = None):
+    """Heatmaps overlaid on their images (the paper's Figure 3), each map scaled to its own max.
+
+    images_uint8: (N, H, W, 3); heatmaps_nhw: (N, H, W) at the images' size. Returns a matplotlib
+    Figure (never shown). Raises ValueError when the counts or sizes differ.
+    """
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images_uint8)
+    heat = np.asarray(heatmaps_nhw, dtype=np.float64)
+    if images.ndim != 4 or heat.ndim != 3 or images.shape[:3] != heat.shape:
+        raise ValueError(f"images (N, H, W, 3) {images.shape} and heatmaps (N, H, W) {heat.shape} do not match")
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, (n + ncols - 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i])
+            peak = heat[i].max()
+            ax.imshow(heat[i] / peak if peak > 0 else heat[i], cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    return fig

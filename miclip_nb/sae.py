@@ -1,0 +1,788 @@
+"""Top-k sparse autoencoders (k-SAE) on a layer's token or location activations; their features as
+MiClip units.
+
+A :class:`TopKSAE` (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") maps an
+activation vector x (one ViT token, or one CNN location's channels) to codes f with exactly k
+selected latents:
+
+    f = ReLU(TopK(W_enc ((x - b_pre) / s) + b_enc)),    x_hat = s * W_dec f + b_pre
+
+``b_pre`` starts at the data mean; ``s`` is a fixed scalar (the per-dimension RMS of the centred
+training data) so that hyper-parameters do not depend on the layer's scale. Decoder columns are
+unit-norm: the gradient component parallel to each column is removed before every step and the
+columns are renormalised after it. An auxiliary loss (AuxK) lets latents that have not fired for
+``dead_steps`` steps reconstruct the residual, which revives them.
+
+Workflow (each step streams from an :class:`~miclip_nb.store.ActivationStore`, one shard in memory):
+
+1. ``build_store(target, dataset, [layer], pooling="none", clip=backend)``: token/map store;
+2. :func:`train_sae`: the SAE and its held-out metrics (NMSE, explained variance, L0, dead share);
+3. :func:`build_sae_code_store` (from that store) or :func:`build_sae_code_store_from_model`
+   (batch by batch from the model, on as many images as the alignment needs): per-image pooled
+   codes in a new store that :func:`~miclip_nb.align.train_encoder` reads like neurons (u = f_i),
+   so unit_embeddings / localize / describe work unchanged. Features seen on few images get noisy
+   embeddings: :func:`drop_rare_units` keeps localize away from them (see :func:`feature_frequency`);
+4. :func:`sae_edit_factory`: steer features with ``steer.class_deltas(..., edit_factory=...)``.
+
+Spatial grounding of features (heatmaps, IoU with masks) lives in :mod:`miclip_nb.grounding`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._paths import cache_dir
+from .embed import state_fingerprint
+from .steer import MODES
+from .store import METADATA, ActivationStore, StoreError, StoreSpec, StoreWriter, acts_field
+
+SAE_SCHEMA_VERSION = 1
+CODE_POOLINGS = ("mean", "max")
+
+
+class SAEMismatchError(ValueError):
+    """An SAE applied to activations of another size, model or layer than it was trained on."""
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Architecture and training of a top-k SAE (the input size comes from the data)."""
+
+    expansion: int = 8  # n_latents = expansion * d_in
+    k: int = 16  # latents selected per input vector
+    aux_k: int | None = None  # dead latents the AuxK loss uses per vector (None: d_in // 2; capped by the dead count)
+    aux_coef: float = 1 / 32  # weight of the AuxK loss (0 disables dead-latent revival)
+    dead_steps: int = 100  # a latent that has not fired for this many steps counts as dead
+    epochs: int = 5  # passes over the training vectors
+    batch_size: int = 4096  # vectors (tokens / locations) per optimisation step
+    lr: float = 1e-3  # Adam learning rate
+    max_grad_norm: float = 1.0  # gradient clipping
+    val_fraction: float = 0.05  # share of images held out (by a hash of the row index) for metrics
+    include_prefix: bool = True  # also train on CLS/register tokens (steering edits every token)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+        if not isinstance(self.expansion, int) or self.expansion < 1:
+            raise ValueError(f"expansion must be a positive integer, got {self.expansion!r}")
+        if (self.aux_k is not None and self.aux_k < 1) or self.aux_coef < 0:
+            raise ValueError("aux_k and aux_coef must be non-negative")
+        if self.dead_steps < 1 or self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("dead_steps and epochs must be >= 1, batch_size >= 2")
+        if self.lr <= 0 or self.max_grad_norm <= 0:
+            raise ValueError("lr and max_grad_norm must be positive")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+class TopKSAE(nn.Module):
+    """A top-k sparse autoencoder over vectors of size ``d_in``.
+
+    ``encode(x (..., d_in)) -> codes (..., n_latents)`` with at most k non-zeros (the k largest
+    pre-activations, ReLU'd: exactly k selected, fewer non-zero only where a selected
+    pre-activation is negative); ``decode(codes) -> (..., d_in)``; ``forward -> (recon, codes)``.
+    ``meta`` holds provenance (model fingerprint, layer, store key) and training metrics.
+    Raises ValueError when k > n_latents.
+    """
+
+    def __init__(self, d_in: int, config: SAEConfig = SAEConfig(), meta: dict | None = None):
+        super().__init__()
+        if d_in < 1:
+            raise ValueError(f"d_in must be positive, got {d_in}")
+        n_latents = config.expansion * d_in
+        if config.k > n_latents:
+            raise ValueError(f"k={config.k} is larger than the number of latents ({n_latents} = {config.expansion} x {d_in})")
+        self.d_in, self.config, self.meta = d_in, config, dict(meta or {})
+        w = torch.empty(n_latents, d_in)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        w = F.normalize(w, dim=1)
+        self.b_pre = nn.Parameter(torch.zeros(d_in))
+        self.W_enc = nn.Parameter(w.clone())  # (F, D); tied init, as Gao et al.
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = nn.Parameter(w.T.clone().contiguous())  # (D, F), unit-norm columns
+        self.register_buffer("input_scale", torch.tensor(1.0))
+
+    @property
+    def n_latents(self) -> int:
+        return self.config.expansion * self.d_in
+
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    @property
+    def aux_k(self) -> int:
+        """Latents the AuxK loss may use per vector (``config.aux_k``, default d_in // 2)."""
+        return self.config.aux_k if self.config.aux_k is not None else max(1, self.d_in // 2)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies architecture and weights (for cache keys of code stores)."""
+        return f"topk-sae:{self.d_in}x{self.n_latents}:k{self.k}:{state_fingerprint(self)}"
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise SAEMismatchError(f"SAE expects vectors of size {self.d_in}, got input of shape {tuple(x.shape)}")
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) -> (..., n_latents) encoder pre-activations (before top-k)."""
+        self._check(x)
+        return F.linear((x - self.b_pre) / self.input_scale, self.W_enc, self.b_enc)
+
+    def _topk(self, pre: torch.Tensor) -> torch.Tensor:
+        values, index = torch.topk(pre, self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, index, F.relu(values))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) -> codes (..., n_latents), at most k non-zeros per vector.
+
+        Raises SAEMismatchError for another input size."""
+        return self._topk(self.pre_activations(x))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (..., n_latents) -> reconstruction (..., d_in)."""
+        if codes.shape[-1] != self.n_latents:
+            raise SAEMismatchError(f"SAE has {self.n_latents} latents, got codes of shape {tuple(codes.shape)}")
+        return F.linear(codes, self.W_dec) * self.input_scale + self.b_pre
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., d_in) -> (reconstruction (..., d_in), codes (..., n_latents))."""
+        codes = self.encode(x)
+        return self.decode(codes), codes
+
+    def encode_features(self, x: torch.Tensor, features: Sequence[int] | torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Codes of a few latents only: (..., d_in) -> (..., len(features)), equal to
+        ``encode(x)[..., features]`` without materialising all codes (rows in chunks)."""
+        self._check(x)
+        feats = torch.as_tensor(features, dtype=torch.long, device=x.device).flatten()
+        flat = x.reshape(-1, self.d_in)
+        out = []
+        for start in range(0, flat.shape[0], chunk):
+            pre = self.pre_activations(flat[start : start + chunk])
+            index = torch.topk(pre, self.k, dim=-1).indices  # (M, k)
+            selected = (index.unsqueeze(-1) == feats).any(-2)  # (M, U)
+            out.append(F.relu(pre[:, feats]) * selected)
+        return torch.cat(out).reshape(*x.shape[:-1], feats.numel())
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder column to unit norm (in place)."""
+        self.W_dec.div_(self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop the decoder gradient's component along each (unit-norm) column (in place)."""
+        if self.W_dec.grad is not None:
+            g, w = self.W_dec.grad, self.W_dec
+            g.sub_((g * w).sum(0, keepdim=True) * w)
+
+    def check_compatible(self, model: str | None = None, layer: str | None = None) -> None:
+        """Raise SAEMismatchError unless ``model`` (a store/TargetModel fingerprint) and ``layer``
+        match what the SAE was trained on. Arguments left None are not checked."""
+        for key, value in {"model": model, "layer": layer}.items():
+            if value is not None and self.meta.get(key) is not None and value != self.meta[key]:
+                raise SAEMismatchError(
+                    f"SAE was trained on {key}={self.meta[key]!r}, these activations come from {key}={value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Activations -> per-location vectors
+
+
+def infer_n_prefix(n_tokens: int) -> int:
+    """Leading non-patch tokens of a ViT output with ``n_tokens`` tokens, assuming a square patch
+    grid (65 -> 1, 197 -> 1, 201 -> 5, 64 -> 0). Pass ``n_prefix`` explicitly where that fails."""
+    side = math.isqrt(n_tokens)
+    return n_tokens - side * side
+
+
+def vectors(acts: torch.Tensor) -> torch.Tensor:
+    """Per-location vectors, channels last: (N, T, D) -> (N, T, D); (N, C, H, W) -> (N, H*W, C);
+    (N, D) -> (N, 1, D). Raises ValueError for other ranks."""
+    if acts.ndim == 3:
+        return acts
+    if acts.ndim == 4:
+        return acts.flatten(2).transpose(1, 2)
+    if acts.ndim == 2:
+        return acts.unsqueeze(1)
+    raise ValueError(f"expected (N, D), (N, T, D) or (N, C, H, W) activations, got {tuple(acts.shape)}")
+
+
+def _layer_geometry(store: ActivationStore, field_name: str, n_prefix: int | None) -> tuple[int, int]:
+    """(d_in, n_prefix) of a stored layer."""
+    shape = store.fields[field_name]
+    if len(shape) == 1:
+        return shape[0], 0
+    if len(shape) == 2:
+        return shape[1], infer_n_prefix(shape[0]) if n_prefix is None else n_prefix
+    if len(shape) == 3:
+        return shape[0], 0
+    raise ValueError(f"cannot train an SAE on per-row shape {shape}")
+
+
+def _val_mask(rows: torch.Tensor, val_fraction: float, seed: int) -> torch.Tensor:
+    """Deterministic held-out membership of global row (image) indices."""
+    h = (rows * 2654435761 + seed * 97531 + 12345) % 4294967296
+    return h < int(val_fraction * 4294967296)
+
+
+def _shard_vectors(acts: torch.Tensor, offset: int, n_prefix: int, include_prefix: bool, val_fraction: float,
+                   seed: int, held_out: bool) -> torch.Tensor:
+    """The (M, D) vectors of one shard's training (or held-out) images; ``offset``: its first row."""
+    rows = torch.arange(offset, offset + acts.shape[0])
+    keep = _val_mask(rows, val_fraction, seed) == held_out
+    vec = vectors(acts[keep])
+    if acts.ndim == 3 and not include_prefix:
+        vec = vec[:, n_prefix:]
+    return vec.reshape(-1, vec.shape[-1])
+
+
+def _iter_vectors(store: ActivationStore, field_name: str, n_prefix: int, include_prefix: bool,
+                  val_fraction: float, seed: int, held_out: bool, shard_order: Sequence[int] | None = None,
+                  ) -> Iterator[torch.Tensor]:
+    """Yield, per shard (in ``shard_order``), the (M, D) vectors of its training or held-out
+    images. One shard in memory at a time; the shards were verified by ``store.iter_shards``."""
+    offsets = [0]
+    for shard in store.meta["shards"]:
+        offsets.append(offsets[-1] + shard["n"])
+    order = range(len(store.meta["shards"])) if shard_order is None else shard_order
+    for si in order:
+        acts = _read_shard(store, si, [field_name])[field_name]
+        yield _shard_vectors(acts, offsets[si], n_prefix, include_prefix, val_fraction, seed, held_out)
+
+
+def _read_shard(store: ActivationStore, index: int, fields: Sequence[str]) -> dict[str, torch.Tensor]:
+    """One shard's fields (the store was verified by iter_shards before)."""
+    with safe_open(store.dir / store.meta["shards"][index]["file"], framework="pt") as f:
+        return {k: f.get_tensor(k) for k in fields}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def _aux_loss(sae: TopKSAE, pre: torch.Tensor, residual_n: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """AuxK: the top ``aux_k`` dead latents reconstruct the (normalised, detached) residual."""
+    n_dead = int(dead.sum())
+    k_aux = min(sae.aux_k, n_dead)
+    if k_aux == 0:
+        return pre.new_zeros(())
+    masked = pre.masked_fill(~dead, float("-inf"))
+    values, index = torch.topk(masked, k_aux, dim=-1)
+    aux_codes = torch.zeros_like(pre).scatter(-1, index, F.relu(values))
+    aux_recon = F.linear(aux_codes, sae.W_dec)
+    denom = (residual_n - residual_n.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return (aux_recon.float() - residual_n).pow(2).sum(-1).mean() / denom
+
+
+def train_sae(
+    store: ActivationStore,
+    layer: str | None = None,
+    config: SAEConfig = SAEConfig(),
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    n_prefix: int | None = None,
+    init: TopKSAE | None = None,
+) -> tuple[TopKSAE, dict]:
+    """Train a top-k SAE on one layer of a store, streaming one shard at a time.
+
+    store: complete, built with ``pooling="none"`` (ViT tokens (N, T, D) or CNN maps (N, C, H, W);
+    pooled (N, D) works too); every token / location is one training vector (channels last).
+    Images are held out by a hash of their row index (``config.val_fraction``) for the metrics.
+    n_prefix: leading non-patch tokens (default inferred from a square patch grid).
+    init: continue from a copy of this SAE (same input size, expansion and k) instead of a fresh
+    one; its ``b_pre`` and input scale are kept.
+    Returns (SAE in eval mode on CPU, metrics): ``nmse`` (held-out squared error / squared
+    distance to the held-out mean), ``explained_variance`` (1 - total variance of the residual /
+    total variance), ``l0`` (mean non-zero codes per vector), ``dead_fraction`` (latents that never
+    fire on held-out vectors), ``dead_fraction_train`` (silent for ``dead_steps`` at the end),
+    ``history``. Same seed -> same SAE on CPU. Raises ValueError for an unknown layer, NaN/inf
+    activations, constant data or k > n_latents.
+    """
+    layer = layer or store.layers[0]
+    field_name = acts_field(layer)
+    if field_name not in store.fields:
+        raise ValueError(f"store has no layer {layer!r}; layers: {list(store.layers)}")
+    d_in, n_prefix = _layer_geometry(store, field_name, n_prefix)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = device.type == "cuda"
+    sae = TopKSAE(d_in, config)  # raises for k > n_latents before any pass over the data
+
+    def train_vectors(order=None, held_out=False):
+        return _iter_vectors(store, field_name, n_prefix, config.include_prefix, config.val_fraction, seed, held_out, order)
+
+    # Pass 1: mean and total variance of the training vectors (float64 sums, one shard at a time).
+    total = torch.zeros(d_in, dtype=torch.float64)
+    total_sq = torch.zeros((), dtype=torch.float64)
+    count = 0
+    offset = 0
+    for shard in store.iter_shards([field_name]):  # also verifies every shard's sha256, once
+        acts = shard[field_name]
+        x = _shard_vectors(acts, offset, n_prefix, config.include_prefix, config.val_fraction, seed, False).double()
+        offset += acts.shape[0]
+        if not torch.isfinite(x).all():
+            raise ValueError(f"activations of {layer!r} in {store.dir} contain NaN or inf")
+        total += x.sum(0)
+        total_sq += x.pow(2).sum()
+        count += x.shape[0]
+    if count == 0:
+        raise ValueError("no training vectors (the store is too small for val_fraction)")
+    mean = total / count
+    total_var = (total_sq / count - mean.pow(2).sum()).clamp_min(0)
+    if total_var <= 1e-12 * max(1.0, float(mean.pow(2).sum())):
+        raise ValueError(f"activations of {layer!r} are constant; nothing to encode")
+
+    torch.manual_seed(seed)
+    sae = TopKSAE(d_in, config, meta={"model": store.spec.model, "layer": layer, "store": store.spec.key,
+                                      "pooling": store.spec.pooling, "dataset": store.spec.dataset, "n_prefix": n_prefix,
+                                      "seed": seed})
+    if init is not None:
+        if (init.d_in, init.config.expansion, init.config.k) != (d_in, config.expansion, config.k):
+            raise SAEMismatchError(f"init SAE is {init.d_in}x{init.n_latents} with k={init.k}; this config needs "
+                                   f"{d_in}x{sae.n_latents} with k={config.k}")
+        sae.load_state_dict(init.state_dict())
+    else:
+        with torch.no_grad():
+            sae.b_pre.copy_(mean.float())
+            sae.input_scale.fill_(float((total_var / d_in).sqrt()))
+    sae.to(device).train()
+    opt = torch.optim.Adam(sae.parameters(), lr=config.lr, eps=6.25e-10)
+    steps_since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
+    total_var_f = float(total_var)
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = sum(math.ceil(n / config.batch_size) for n in _vectors_per_shard(store, field_name, n_prefix, config, seed))
+    history: dict[str, list[float]] = {"train_nmse": [], "train_aux": [], "dead_fraction_train": []}
+    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"SAE {layer}", disable=not progress)
+    for epoch in range(config.epochs):
+        sum_nmse, sum_aux, n_steps = 0.0, 0.0, 0
+        order = torch.randperm(len(store.meta["shards"]), generator=gen).tolist()
+        for x_shard in train_vectors(order):
+            perm = torch.randperm(x_shard.shape[0], generator=gen)
+            for start in range(0, x_shard.shape[0], config.batch_size):
+                x = x_shard[perm[start : start + config.batch_size]].to(device, non_blocking=True).float()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    pre = sae.pre_activations(x)
+                    codes = sae._topk(pre)
+                    recon = sae.decode(codes)
+                recon = recon.float()
+                nmse = (recon - x).pow(2).sum(-1).mean() / total_var_f
+                dead = steps_since_fired >= config.dead_steps
+                aux = torch.zeros((), device=device)
+                if config.aux_coef > 0 and bool(dead.any()):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        aux = _aux_loss(sae, pre, (x - recon).detach() / sae.input_scale, dead)
+                    aux = aux.float().nan_to_num(0.0)
+                loss = nmse + config.aux_coef * aux
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sae.remove_parallel_grad_()
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), config.max_grad_norm)
+                opt.step()
+                sae.normalize_decoder_()
+                fired = (codes > 0).any(0)
+                steps_since_fired = torch.where(fired, torch.zeros_like(steps_since_fired), steps_since_fired + 1)
+                sum_nmse += float(nmse.detach())
+                sum_aux += float(aux.detach())
+                n_steps += 1
+                bar.update(1)
+                if n_steps % 20 == 0:
+                    bar.set_postfix(epoch=epoch, nmse=f"{float(nmse.detach()):.3f}", dead=f"{float(dead.float().mean()):.2f}")
+        history["train_nmse"].append(sum_nmse / max(n_steps, 1))
+        history["train_aux"].append(sum_aux / max(n_steps, 1))
+        history["dead_fraction_train"].append(float((steps_since_fired >= config.dead_steps).float().mean()))
+    bar.close()
+
+    sae.eval()
+    metrics = evaluate_sae(sae, train_vectors(held_out=True), device=device)
+    metrics["dead_fraction_train"] = history["dead_fraction_train"][-1]
+    metrics["n_train_vectors"] = count
+    metrics["history"] = history
+    metrics["config"] = asdict(config)
+    sae.meta["metrics"] = {k: v for k, v in metrics.items() if k not in ("history", "config")}
+    return sae.cpu(), metrics
+
+
+def _vectors_per_shard(store: ActivationStore, field_name: str, n_prefix: int, config: SAEConfig, seed: int) -> list[int]:
+    """Training vectors per shard, from the metadata alone."""
+    shape = store.fields[field_name]
+    if len(shape) == 2:  # tokens
+        per_row = shape[0] - (0 if config.include_prefix else n_prefix)
+    else:  # pooled vectors or maps
+        per_row = 1 if len(shape) == 1 else shape[1] * shape[2]
+    out, offset = [], 0
+    for shard in store.meta["shards"]:
+        rows = torch.arange(offset, offset + shard["n"])
+        offset += shard["n"]
+        out.append(int((~_val_mask(rows, config.val_fraction, seed)).sum()) * per_row)
+    return out
+
+
+@torch.no_grad()
+def evaluate_sae(sae: TopKSAE, batches, device: str | torch.device | None = None, chunk: int = 8192) -> dict:
+    """Reconstruction metrics over an iterable of (M, d_in) vector batches (streamed).
+
+    Returns ``nmse``, ``explained_variance``, ``l0``, ``dead_fraction`` (latents that never fire),
+    ``n_vectors``. Raises ValueError when there are no vectors.
+    """
+    device = torch.device(device or next(sae.parameters()).device)
+    sae = sae.to(device)
+    n, sse, l0 = 0, 0.0, 0.0
+    sum_x = torch.zeros(sae.d_in, dtype=torch.float64)
+    sum_x2 = torch.zeros(sae.d_in, dtype=torch.float64)
+    sum_r = torch.zeros(sae.d_in, dtype=torch.float64)
+    sum_r2 = torch.zeros(sae.d_in, dtype=torch.float64)
+    fired = torch.zeros(sae.n_latents, dtype=torch.bool)
+    for batch in batches:
+        for start in range(0, batch.shape[0], chunk):
+            x = batch[start : start + chunk].to(device).float()
+            recon, codes = sae(x)
+            r = (x - recon).double().cpu()
+            xd = x.double().cpu()
+            sse += float(r.pow(2).sum())
+            sum_x += xd.sum(0)
+            sum_x2 += xd.pow(2).sum(0)
+            sum_r += r.sum(0)
+            sum_r2 += r.pow(2).sum(0)
+            nz = (codes > 0).cpu()
+            l0 += float(nz.sum())
+            fired |= nz.any(0)
+            n += x.shape[0]
+    if n == 0:
+        raise ValueError("no vectors to evaluate on")
+    var_x = (sum_x2 / n - (sum_x / n).pow(2)).sum()
+    var_r = (sum_r2 / n - (sum_r / n).pow(2)).sum()
+    return {"nmse": float(sse / n / var_x), "explained_variance": float(1 - var_r / var_x), "l0": l0 / n,
+            "dead_fraction": float((~fired).float().mean()), "n_vectors": n}
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_sae(sae: TopKSAE, path: str | Path) -> Path:
+    """Write ``<path>.safetensors`` and ``<path>.json`` (schema version, d_in, config, provenance:
+    model fingerprint, layer, store key; metrics). Returns the safetensors path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = path.with_suffix(".safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(weights))
+    meta = {"schema_version": SAE_SCHEMA_VERSION, "d_in": sae.d_in, "config": asdict(sae.config), "meta": sae.meta}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return weights
+
+
+def load_sae(path: str | Path, *, model: str | None = None, layer: str | None = None) -> TopKSAE:
+    """Read an SAE written by :func:`save_sae` (eval mode, CPU); with ``model``/``layer`` given,
+    check its provenance. Raises FileNotFoundError, ValueError (unknown schema) or
+    SAEMismatchError (trained on another model or layer)."""
+    path = Path(path)
+    meta_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if not meta_path.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"no SAE checkpoint at {path} (need {meta_path.name} and {weights.name})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("schema_version") != SAE_SCHEMA_VERSION:
+        raise ValueError(f"SAE checkpoint schema {meta.get('schema_version')} != {SAE_SCHEMA_VERSION}")
+    sae = TopKSAE(int(meta["d_in"]), SAEConfig(**meta["config"]), meta["meta"])
+    sae.load_state_dict(load_file(str(weights)))
+    sae.check_compatible(model=model, layer=layer)
+    return sae.eval()
+
+
+def fit_sae(
+    store: ActivationStore,
+    layer: str | None = None,
+    config: SAEConfig = SAEConfig(),
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    n_prefix: int | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> tuple[TopKSAE, dict]:
+    """:func:`train_sae`, or its cached result: the cache key (``cache_dir()/saes/<hash>``)
+    hashes the store key, layer, config, seed and n_prefix, so any change retrains.
+    Returns (SAE, metrics without the per-epoch history when loaded from the cache)."""
+    layer = layer or store.layers[0]
+    key_src = json.dumps({"store": store.spec.key, "layer": layer, "config": asdict(config), "seed": seed,
+                          "n_prefix": n_prefix, "schema": SAE_SCHEMA_VERSION}, sort_keys=True)
+    path = cache_dir() / "saes" / hashlib.sha256(key_src.encode()).hexdigest()[:20] / "sae"
+    if cache and path.with_suffix(".json").is_file():
+        sae = load_sae(path, model=store.spec.model, layer=layer)
+        return sae, dict(sae.meta.get("metrics", {}))
+    sae, metrics = train_sae(store, layer, config, seed=seed, device=device, progress=progress, n_prefix=n_prefix)
+    if cache:
+        save_sae(sae, path)
+    return sae, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# SAE features as units: a store of per-image pooled codes
+
+
+def pool_codes(codes_ntf: torch.Tensor, pooling: str = "mean", n_prefix: int = 0) -> torch.Tensor:
+    """Per-image codes from per-location codes: (N, T, F) -> (N, F), mean or max over the
+    locations after the first ``n_prefix`` (CLS excluded, as capture.pool). Raises ValueError for
+    another pooling."""
+    if pooling not in CODE_POOLINGS:
+        raise ValueError(f"code pooling must be one of {CODE_POOLINGS}, got {pooling!r}")
+    locs = codes_ntf[:, n_prefix:] if codes_ntf.shape[1] > n_prefix else codes_ntf
+    return locs.mean(1) if pooling == "mean" else locs.amax(1)
+
+
+def sae_store_spec(source: StoreSpec, sae: TopKSAE, layer: str, pooling: str, name: str, n_prefix: int) -> StoreSpec:
+    """The spec of a code store made from ``source`` (the spec of the token/map activations it
+    encodes): the same images and CLIP, with the source key and the SAE's fingerprint in
+    ``model``, so a retrained SAE or other activations never reuse stale codes."""
+    model = f"{source.model}|source={source.key}|layer={layer}|sae={sae.fingerprint}|n_prefix={n_prefix}"
+    return StoreSpec(model=model, layers=(name,), pooling=pooling, dataset=source.dataset, n_items=source.n_items,
+                     transform=source.transform, clip=source.clip, clip_transform=source.clip_transform, dtype=source.dtype)
+
+
+def _reuse_or_clear(out_dir: Path, spec: StoreSpec) -> ActivationStore | None:
+    """The complete store at ``out_dir`` when it has ``spec``; otherwise remove the folder."""
+    if (out_dir / METADATA).is_file():
+        try:
+            existing = ActivationStore(out_dir)
+            if existing.spec == spec and existing.complete:
+                existing.verify()
+                return existing
+        except StoreError as err:
+            warnings.warn(f"{err}; rebuilding the SAE code store", stacklevel=3)
+        shutil.rmtree(out_dir)
+    return None
+
+
+def _pooled_rows(sae: TopKSAE, acts: torch.Tensor, pooling: str, n_prefix: int, name: str, dtype: torch.dtype,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    vec = vectors(acts).to(device).float()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        codes = sae.encode(vec)
+    return {acts_field(name): pool_codes(codes.float(), pooling, n_prefix).cpu().to(dtype)}
+
+
+@torch.no_grad()
+def build_sae_code_store(
+    store: ActivationStore,
+    sae: TopKSAE,
+    layer: str | None = None,
+    *,
+    pooling: str = "mean",
+    name: str | None = None,
+    n_prefix: int | None = None,
+    root: str | Path | None = None,
+    shard_size: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> ActivationStore:
+    """A store of per-image pooled SAE codes, read by align.train_encoder like neurons.
+
+    pooling: "mean" (default) or "max" over patch tokens / locations. On the toy ViT, max pooling
+    localized colour features a little better (a feature firing on a small object is not diluted
+    by the background); with max pooling, features that fire on clutter count as present.
+
+    store: token/map store (``pooling="none"``) of ``layer``; the result has field
+    ``acts/<name>`` (N, n_latents) (``name`` default ``"<layer>:sae"``) plus the source's
+    ``label``, ``pred`` and ``clip_image``. Its key hashes the source store key and the SAE's
+    weights, so a retrained SAE never reuses stale codes; an existing complete store is reused.
+    Raises SAEMismatchError when the SAE was trained on another model/layer or size, ValueError
+    for an unknown pooling or layer.
+    """
+    layer = layer or store.layers[0]
+    field_name = acts_field(layer)
+    if field_name not in store.fields:
+        raise ValueError(f"store has no layer {layer!r}; layers: {list(store.layers)}")
+    if pooling not in CODE_POOLINGS:
+        raise ValueError(f"code pooling must be one of {CODE_POOLINGS}, got {pooling!r}")
+    d_in, n_prefix = _layer_geometry(store, field_name, n_prefix if n_prefix is not None else sae.meta.get("n_prefix"))
+    if d_in != sae.d_in:
+        raise SAEMismatchError(f"SAE expects vectors of size {sae.d_in}, layer {layer!r} has {d_in}")
+    sae.check_compatible(model=store.spec.model, layer=layer)
+    if len(store.fields[field_name]) != 2:
+        n_prefix = 0  # CNN maps and pooled vectors have no prefix tokens
+    name = name or f"{layer}:sae"
+    spec = sae_store_spec(store.spec, sae, layer, pooling, name, n_prefix)
+    out_dir = (Path(root) if root is not None else cache_dir() / "stores") / spec.key
+    existing = _reuse_or_clear(out_dir, spec)
+    if existing is not None:
+        return existing
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sae = sae.to(device).eval()
+    extra = [f for f in ("label", "pred", "clip_image") if f in store.fields]
+    dtype = getattr(torch, spec.dtype.split(".")[-1])
+    with StoreWriter(out_dir, spec, shard_size or int(store.meta.get("shard_size", 2048))) as writer:
+        for shard in tqdm(store.iter_shards([field_name, *extra]), total=len(store.meta["shards"]),
+                          desc=f"SAE codes {layer}", disable=not progress):
+            acts = shard[field_name]
+            for start in range(0, acts.shape[0], batch_size):
+                rows = _pooled_rows(sae, acts[start : start + batch_size], pooling, n_prefix, name, dtype, device)
+                rows.update({f: shard[f][start : start + batch_size] for f in extra})
+                writer.append(rows)
+    sae.cpu()
+    return ActivationStore(out_dir)
+
+
+@torch.no_grad()
+def build_sae_code_store_from_model(
+    target,
+    dataset,
+    layer: str,
+    sae: TopKSAE,
+    *,
+    clip=None,
+    pooling: str = "mean",
+    name: str | None = None,
+    n_items: int | None = None,
+    root: str | Path | None = None,
+    batch_size: int = 64,
+    shard_size: int = 2048,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> ActivationStore:
+    """Like :func:`build_sae_code_store`, straight from a model: capture ``layer`` batch by batch,
+    encode and pool, never storing the token/map activations (so the alignment can use many more
+    images than the SAE was trained on, at the cost of one float per feature and image).
+
+    target: a zoo.TargetModel; dataset: yields (PIL image, label) with a ``fingerprint``; clip: an
+    EmbeddingBackend (needed for alignment). The spec is that of the token store
+    ``build_store(target, dataset, [layer], pooling="none", clip=clip)`` would make, plus the SAE:
+    the same key as :func:`build_sae_code_store` on that store. Raises SAEMismatchError when the
+    SAE was trained on another model or layer, ValueError for an unknown pooling.
+    """
+    from .capture import hooked_activations, num_prefix_tokens, resolve_layer
+    from .datasets import PairedTransform
+    from .store import store_spec
+
+    if pooling not in CODE_POOLINGS:
+        raise ValueError(f"code pooling must be one of {CODE_POOLINGS}, got {pooling!r}")
+    resolve_layer(target.module, layer)
+    source = store_spec(target, dataset, [layer], "none", clip, n_items)
+    sae.check_compatible(model=source.model, layer=layer)
+    model = target.module
+    name = name or f"{layer}:sae"
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    first_image, _ = dataset[0]
+    with hooked_activations(model, [layer], "none") as captured:  # one image: the layer's output shape
+        model(target.preprocess(first_image).unsqueeze(0).to(device))
+        probe = captured[layer]
+    width = probe.shape[-1] if probe.ndim == 3 else probe.shape[1]
+    if probe.ndim not in (3, 4) or width != sae.d_in:
+        raise SAEMismatchError(f"SAE expects vectors of size {sae.d_in}, layer {layer!r} outputs {tuple(probe.shape)}")
+    n_prefix = num_prefix_tokens(model) if probe.ndim == 3 else 0
+    spec = sae_store_spec(source, sae, layer, pooling, name, n_prefix)
+    out_dir = (Path(root) if root is not None else cache_dir() / "stores") / spec.key
+    existing = _reuse_or_clear(out_dir, spec)
+    if existing is not None:
+        return existing
+    loader = torch.utils.data.DataLoader(
+        PairedTransform(torch.utils.data.Subset(dataset, range(source.n_items)), target.preprocess,
+                        None if clip is None else clip.preprocess),
+        batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    sae = sae.to(device).eval()
+    dtype = getattr(torch, spec.dtype.split(".")[-1])
+    with StoreWriter(out_dir, spec, shard_size) as writer, hooked_activations(model, [layer], "none") as captured:
+        for x_model, x_clip, labels in tqdm(loader, desc=f"SAE codes {layer}", disable=not progress):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x_model.to(device, non_blocking=True))
+            rows = _pooled_rows(sae, captured[layer], pooling, n_prefix, name, dtype, device)
+            rows["label"] = torch.as_tensor(labels, dtype=torch.long)
+            rows["pred"] = logits.argmax(-1).cpu()
+            if clip is not None:
+                rows["clip_image"] = clip.encode_images(x_clip).to(dtype)
+            writer.append(rows)
+    sae.cpu()
+    return ActivationStore(out_dir)
+
+
+@torch.no_grad()
+def feature_frequency(code_store: ActivationStore, layer: str | None = None) -> torch.Tensor:
+    """(F,) share of images on which each feature fires (pooled code > 0), streamed over a code
+    store from :func:`build_sae_code_store`."""
+    field_name = acts_field(layer or code_store.layers[0])
+    fired, n = None, 0
+    for shard in code_store.iter_shards([field_name]):
+        counts = (shard[field_name] > 0).sum(0)
+        fired = counts if fired is None else fired + counts
+        n += shard[field_name].shape[0]
+    return fired.double().div(n).float()
+
+
+def drop_rare_units(unit_emb_ud: torch.Tensor, freq_u: torch.Tensor, min_freq: float = 0.01) -> torch.Tensor:
+    """Unit embeddings with the rows of features that fire on fewer than ``min_freq`` of the
+    images set to zero (as align does for constant units), so localize does not pick them: a
+    feature seen on a handful of images gets an embedding fit to noise, and among thousands of
+    features some such noise lines up with any concept. Returns a new (U, D) tensor."""
+    if freq_u.shape != unit_emb_ud.shape[:1]:
+        raise ValueError(f"{freq_u.shape[0]} frequencies for {unit_emb_ud.shape[0]} units")
+    out = unit_emb_ud.clone()
+    out[freq_u < min_freq] = 0.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Steering SAE features
+
+
+def sae_edit(sae: TopKSAE, units: Sequence[int] | torch.Tensor, mode: str = "scale",
+             beta: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An edit function acts -> acts that scales (f <- beta f) or shifts (f <- f + beta) SAE
+    features ``units`` at every token / location, keeping the reconstruction error:
+
+        out = decode(edited codes) + (x - decode(codes)) = x + W_dec (edited - codes) * s
+
+    so scale 1 / shift 0 return the input exactly. acts: (N, T, D) tokens, (N, C, H, W) maps or
+    (N, D). Raises ValueError (unknown mode, no units), IndexError (unit out of range),
+    SAEMismatchError (the layer's width is not the SAE's input size).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    index = torch.as_tensor(units, dtype=torch.long).flatten()
+    if index.numel() == 0:
+        raise ValueError("no SAE features to edit")
+    if int(index.max()) >= sae.n_latents or int(index.min()) < 0:
+        raise IndexError(f"feature {int(index.max())} out of range for an SAE with {sae.n_latents} latents")
+
+    def edit(acts: torch.Tensor) -> torch.Tensor:
+        x = acts.movedim(1, -1) if acts.ndim == 4 else acts
+        if x.shape[-1] != sae.d_in:
+            raise SAEMismatchError(f"SAE expects {sae.d_in} channels, the edited layer has {x.shape[-1]} ({tuple(acts.shape)})")
+        model_sae = sae.to(acts.device)
+        idx = index.to(acts.device)
+        with torch.no_grad(), torch.autocast(acts.device.type, enabled=False):
+            xf = x.float()
+            codes = model_sae.encode_features(xf, idx)
+            new = codes * beta if mode == "scale" else codes + beta
+            delta = F.linear(new - codes, model_sae.W_dec[:, idx]) * model_sae.input_scale
+        out = (xf + delta).to(acts.dtype)
+        return out.movedim(-1, 1) if acts.ndim == 4 else out
+
+    return edit
+
+
+def sae_edit_factory(sae: TopKSAE) -> Callable[..., Callable[[torch.Tensor], torch.Tensor]]:
+    """``edit_factory(units, mode, beta)`` for steer.class_deltas / pipeline.intervention_table /
+    steer.edit_layer: edits SAE features instead of neurons (see :func:`sae_edit`)."""
+
+    def factory(units, mode: str = "scale", beta: float = 0.0):
+        return sae_edit(sae, units, mode, beta)
+
+    return factory
+
