@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -24,3 +25,12 @@ def cache_dir() -> Path:
     """
     env = os.environ.get("MICLIP_CACHE_DIR")
     return Path(env).expanduser().resolve() if env else Path.home() / ".cache" / "miclip_nb"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (weights and store shards are checked by it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

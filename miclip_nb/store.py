@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ._paths import cache_dir
+from ._paths import cache_dir, sha256_file
 from .capture import POOLINGS, forward_checked, hooked_activations, resolve_layer
 from .datasets import PairedTransform
 from .embed import state_fingerprint
@@ -77,13 +77,6 @@ def acts_field(layer: str) -> str:
     """Name of the field holding ``layer``'s activations."""
     return f"acts/{layer}"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -147,7 +140,7 @@ class ActivationStore:
             return path
         if not path.is_file():
             raise StoreError(f"store {self.dir}: shard {shard['file']} is missing")
-        if path.stat().st_size != shard["bytes"] or _sha256(path) != shard["sha256"]:
+        if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
             raise StoreError(
                 f"store {self.dir}: shard {shard['file']} is corrupt (size or sha256 differ); "
                 "run build_store again with the same arguments to rewrite it"
@@ -251,7 +244,7 @@ class StoreWriter:
         path = self.dir / name
         if not self.meta["fields"]:
             self.meta["fields"] = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in shard.items()}
-        self.meta["shards"].append({"file": name, "n": n, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+        self.meta["shards"].append({"file": name, "n": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
         _write_json_atomic(self.dir / METADATA, self.meta)
         self._buffer = rest
         self._buffered -= n
@@ -275,7 +268,7 @@ def _truncate_to_valid(store_dir: Path) -> int:
     kept = []
     for shard in meta["shards"]:
         path = store_dir / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"] or _sha256(path) != shard["sha256"]:
+        if not path.is_file() or path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
             break
         kept.append(shard)
     for shard in meta["shards"][len(kept):]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import time
 import warnings
@@ -44,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import shapes
-from ._paths import data_dir
+from ._paths import data_dir, sha256_file
 from .metrics import best_unit_auroc
 
 SCHEMA_VERSION = 1
@@ -428,13 +427,6 @@ def train_toy_model(
 # Saving and loading
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _default_dir(weights_dir: str | Path | None) -> Path:
     return Path(weights_dir) if weights_dir is not None else data_dir() / "toy_models"
@@ -466,7 +458,7 @@ def save_toy_model(model: nn.Module, name: str, metrics: dict, out_dir: str | Pa
         "world": dataclasses.asdict(shapes.WorldConfig()),
         "training": metrics.get("training", {}),
         "metrics": {k: v for k, v in metrics.items() if k != "training"},
-        "sha256": _sha256(weights_path),
+        "sha256": sha256_file(weights_path),
     }
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return weights_path
@@ -506,7 +498,7 @@ def load_toy_model(name: str, weights_dir: str | Path | None = None) -> nn.Modul
     """
     record = read_toy_model_record(name, weights_dir)
     weights_path = _default_dir(weights_dir) / f"{name}.safetensors"
-    actual = _sha256(weights_path)
+    actual = sha256_file(weights_path)
     if actual != record["sha256"]:
         raise ValueError(
             f"{weights_path} does not match its record (sha256 {actual[:12]}... != recorded "

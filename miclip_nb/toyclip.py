@@ -22,7 +22,6 @@ Train and save the committed weights with::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import time
@@ -33,7 +32,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from ._paths import PACKAGE_DIR, data_dir
+from ._paths import PACKAGE_DIR, data_dir, sha256_file
 from .metrics import auroc
 from .shapes import CONCEPT_KIND, CONCEPTS, COLORS, SHAPES, TEXTURES, WorldConfig, caption_for, render
 
@@ -320,13 +319,6 @@ def train_toyclip(*, seed: int = 0, steps: int = 1000, batch_size: int = 256, lr
 # Saving and loading
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def save_toyclip(model, metrics: dict, out_dir: str | Path | None = None) -> Path:
     """Write ``toyclip.safetensors`` (float16 tensors), ``toyclip.json`` and ``open_clip_config.json``.
@@ -348,7 +340,7 @@ def save_toyclip(model, metrics: dict, out_dir: str | Path | None = None) -> Pat
     meta = {"schema_version": SCHEMA_VERSION, "model_name": MODEL_NAME, "open_clip_config": config,
             "preprocess_cfg": PREPROCESS_CFG, "training": metrics.get("training", {}),
             "metrics": {k: v for k, v in metrics.items() if k != "training"},
-            "weights_file": WEIGHTS_FILE, "sha256": _sha256(weights_path), "train_command": TRAIN_COMMAND,
+            "weights_file": WEIGHTS_FILE, "sha256": sha256_file(weights_path), "train_command": TRAIN_COMMAND,
             "open_clip_version": open_clip.__version__, "torch_version": torch.__version__}
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (out / "open_clip_config.json").write_text(
@@ -376,7 +368,7 @@ def load_toyclip(weights_dir: str | Path | None = None):
     if meta.get("open_clip_config") != toyclip_config():
         raise ValueError(f"{meta_path} was trained with another ToyCLIP config than {MODEL_CONFIGS_DIR}; "
                          f"retrain with: {TRAIN_COMMAND}")
-    digest = _sha256(weights_path)
+    digest = sha256_file(weights_path)
     if digest != meta.get("sha256"):
         raise ValueError(f"{weights_path} does not match the sha256 recorded in {meta_path} "
                          f"({digest[:12]} != {str(meta.get('sha256'))[:12]}): stale or corrupt; "
