@@ -184,25 +184,10 @@ def plot_heatmaps(images_uint8: np.ndarray, heatmaps_nhw: np.ndarray, titles: Se
     images_uint8: (N, H, W, 3); heatmaps_nhw: (N, H, W) at the images' size. Returns a matplotlib
     Figure (never shown). Raises ValueError when the counts or sizes differ.
     """
-    import matplotlib.pyplot as plt
+    from .viz import image_grid
 
     images = np.asarray(images_uint8)
     heat = np.asarray(heatmaps_nhw, dtype=np.float64)
     if images.ndim != 4 or heat.ndim != 3 or images.shape[:3] != heat.shape:
         raise ValueError(f"images (N, H, W, 3) {images.shape} and heatmaps (N, H, W) {heat.shape} do not match")
-    n = len(images)
-    ncols = max(1, min(ncols, n))
-    nrows = max(1, (n + ncols - 1) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(images[i])
-            peak = heat[i].max()
-            ax.imshow(heat[i] / peak if peak > 0 else heat[i], cmap=cmap, alpha=alpha, vmin=0, vmax=1)
-            if titles is not None:
-                ax.set_title(titles[i], fontsize=7)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout()
-    return fig
+    return image_grid(images, titles, ncols=ncols, size=size, suptitle=suptitle, overlays=heat, cmap=cmap, alpha=alpha)

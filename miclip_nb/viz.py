@@ -33,8 +33,10 @@ def score_bars(labels: Sequence[str], scores: Sequence[float], title: str, xlabe
 
 
 def image_grid(images_uint8: np.ndarray, titles: Sequence[str] | None = None, ncols: int = 8, size: float = 1.2,
-               suptitle: str | None = None) -> plt.Figure:
-    """A grid of images: images_uint8 (N, H, W, 3)."""
+               suptitle: str | None = None, overlays: np.ndarray | None = None, cmap: str = "jet",
+               alpha: float = 0.5) -> plt.Figure:
+    """A grid of images: images_uint8 (N, H, W, 3); optional ``overlays`` (N, H, W) heatmaps drawn
+    on top, each scaled to its own max."""
     n = len(images_uint8)
     ncols = max(1, min(ncols, n))
     nrows = max(1, (n + ncols - 1) // ncols)
@@ -43,6 +45,9 @@ def image_grid(images_uint8: np.ndarray, titles: Sequence[str] | None = None, nc
         ax.axis("off")
         if i < n:
             ax.imshow(images_uint8[i])
+            if overlays is not None:
+                peak = overlays[i].max()
+                ax.imshow(overlays[i] / peak if peak > 0 else overlays[i], cmap=cmap, alpha=alpha, vmin=0, vmax=1)
             if titles is not None:
                 ax.set_title(titles[i], fontsize=7)
     if suptitle:
