@@ -37,6 +37,9 @@ setup() {
     fi
     # shellcheck disable=SC1091
     source .venv/bin/activate
+    # The toy models are small: one torch thread per process is as fast on 2 cores, and two threads
+    # competing with another busy process are many times slower (notebooks, tests). Override freely.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     # Real photos for the tests that need them (skipped when absent).
     if [ -z "${MICLIP_IMAGENET_SAMPLE:-}" ] && [ -d "$ROOT/../shared/imagenet-sample-500" ]; then
         MICLIP_IMAGENET_SAMPLE=$(cd "$ROOT/../shared/imagenet-sample-500" && pwd)

@@ -9,6 +9,17 @@ with open_clip's ``ClipLoss`` and one learnable temperature per term. Activation
 with statistics computed on the training rows and stored inside the encoder (so it takes raw
 activations). Training streams mini-batches from an :class:`~miclip_nb.store.ActivationStore`;
 a deterministic hash of the row index holds out a validation split for early stopping.
+
+Unit dropout (our choice; the paper is silent). Localization queries the encoder with one unit
+active at a time (``interpret.unit_embeddings``), far from the full activation vectors it sees in
+training. Trained on full vectors, a linear encoder spreads each concept over many correlated
+units, and a unit's column says little about what that unit alone does: on the toy CNN
+(stages.2) removing the top-5 units of a class cost 3.1 accuracy points, random units 1.5. Zeroing
+95% of the standardised units of every training row (``unit_dropout=0.95``; inverted dropout, so
+the encoder is unchanged at evaluation) makes each unit's weights answer "what does this unit
+alone say about the image and the label", the question localization asks: removal then costs
+14.1 points (mean of 3 seeds, 1200 test images; ``tests/test_miclip_toy.py``). Set it to 0 to
+train on whole vectors, as :mod:`miclip_nb.diagnose` does, since it embeds whole vectors.
 """
 
 from __future__ import annotations
@@ -66,12 +77,15 @@ class AlignConfig:
     concept_weight: float = 1.0  # weight of the neuron-concept (predicted label) term
     image_weight: float = 1.0  # weight of the neuron-image term
     init_temperature: float = 0.07  # initial temperature of both terms (as CLIP)
+    unit_dropout: float = 0.95  # share of (standardised) input units zeroed per training row (see module doc)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError("val_fraction must be in (0, 0.5)")
         if self.epochs <= 0 or self.batch_size < 2:
             raise ValueError("epochs must be positive and batch_size at least 2")
+        if not 0.0 <= self.unit_dropout < 1.0:
+            raise ValueError("unit_dropout must be in [0, 1)")
         if self.concept_weight < 0 or self.image_weight < 0 or self.concept_weight + self.image_weight == 0:
             raise ValueError("loss weights must be non-negative and not both zero")
 
@@ -95,10 +109,13 @@ class NeuronEncoder(nn.Module):
         else:
             self.net = nn.Sequential(nn.Linear(config.n_units, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.embed_dim))
 
-    def forward(self, acts_nu: torch.Tensor) -> torch.Tensor:
+    def forward(self, acts_nu: torch.Tensor, unit_dropout: float = 0.0) -> torch.Tensor:
         if acts_nu.shape[-1] != self.config.n_units:
             raise EncoderMismatchError(f"encoder expects {self.config.n_units} units, got activations with {acts_nu.shape[-1]}")
-        return self.net((acts_nu - self.act_mean) / self.act_std)
+        z = (acts_nu - self.act_mean) / self.act_std
+        if unit_dropout > 0 and self.training:
+            z = F.dropout(z, unit_dropout, training=True)
+        return self.net(z)
 
     @property
     def constant_units(self) -> torch.Tensor:
@@ -231,7 +248,7 @@ def train_encoder(
                 continue
             acts = batch[field_name][keep].to(device).float()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), torch.set_grad_enabled(train):
-                z = encoder(acts)
+                z = encoder(acts, config.unit_dropout if train else 0.0)
                 loss, _ = alignment_loss(z, text[batch["pred"][keep].to(device)], batch["clip_image"][keep].to(device),
                                          temps, config.concept_weight, config.image_weight)
             if train:

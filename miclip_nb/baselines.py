@@ -142,19 +142,61 @@ def act_values_scores(acts_nu: torch.Tensor, member, n_concepts: int | None = No
     return acc.scores()
 
 
+def _row_mask(rows: torch.Tensor | None, n_rows: int) -> torch.Tensor | None:
+    """(n_rows,) bool mask of the store rows to use (None: all rows)."""
+    if rows is None:
+        return None
+    rows = torch.as_tensor(rows).long().flatten()
+    if rows.numel() == 0:
+        raise ValueError("rows is empty")
+    if int(rows.min()) < 0 or int(rows.max()) >= n_rows:
+        raise ValueError(f"rows must lie in 0..{n_rows - 1}")
+    mask = torch.zeros(n_rows, dtype=torch.bool)
+    mask[rows] = True
+    return mask
+
+
+def _iter_rows(store: ActivationStore, fields: Sequence[str], rows: torch.Tensor | None) -> Iterable[dict[str, torch.Tensor]]:
+    """The store's shards restricted to ``rows`` (global row indices; None: every row)."""
+    mask, offset = _row_mask(rows, store.n_rows), 0
+    for shard in store.iter_shards(list(fields)):
+        n = shard[fields[0]].shape[0]
+        if mask is None:
+            yield shard
+        else:
+            keep = mask[offset : offset + n]
+            if keep.any():
+                yield {k: v[keep] for k, v in shard.items()}
+        offset += n
+
+
+def probe_rows(n_rows: int, n_probe: int | None, seed: int) -> torch.Tensor | None:
+    """A seeded probing-set draw: ``n_probe`` of ``n_rows`` row indices without replacement,
+    sorted (LongTensor (n_probe,)). None (every row) when ``n_probe`` is None or >= ``n_rows``.
+    The baselines' only randomness: seeds of a table differ by this draw."""
+    if n_probe is None or n_probe >= n_rows:
+        return None
+    if n_probe < 1:
+        raise ValueError(f"n_probe must be positive, got {n_probe}")
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n_rows, generator=gen)[:n_probe].sort().values
+
+
 def act_values_from_store(store: ActivationStore, layer: str | None = None, n_classes: int | None = None,
-                          label_field: str = "label") -> torch.Tensor:
+                          label_field: str = "label", rows: torch.Tensor | None = None) -> torch.Tensor:
     """Act-Values by class from an activation store, one shard in memory at a time.
 
-    ``label_field``: "label" (true class, default) or "pred" (predicted class). Returns (C, U).
+    ``label_field``: "label" (true class, default) or "pred" (predicted class); ``rows``: (R,)
+    indices of the store rows to use (a probing-set draw, see :func:`probe_rows`; None: all).
+    Returns (C, U).
     """
     field = acts_field(layer or store.layers[0])
     if n_classes is None:
-        n_classes = max(int(s[label_field].max()) for s in store.iter_shards([label_field])) + 1
+        n_classes = max(int(s[label_field].max()) for s in _iter_rows(store, [label_field], rows)) + 1
     if len(store.fields[field]) != 1:
         raise ValueError(f"Act-Values needs pooled activations (N, U); {field} rows have shape {store.fields[field]}")
     acc = MeanActivation(n_classes)
-    for shard in store.iter_shards([field, label_field]):
+    for shard in _iter_rows(store, [field, label_field], rows):
         acc.update(shard[field], shard[label_field])
     return acc.scores()
 
@@ -304,6 +346,27 @@ class FolderMaskProbe:
             xs.append(x)
             ms.append(masks)
         return torch.stack(xs), torch.stack(ms)
+
+
+class SubsetProbe:
+    """The images ``indices`` of another :class:`MaskProbe` (a seeded probing-set draw).
+
+    probe: any MaskProbe; indices: (R,) positions in it. Raises IndexError for an index out of range.
+    """
+
+    def __init__(self, probe: MaskProbe, indices: Sequence[int] | torch.Tensor):
+        self.probe = probe
+        self.indices = [int(i) for i in torch.as_tensor(indices).flatten().tolist()]
+        bad = [i for i in self.indices if not 0 <= i < len(probe)]
+        if bad:
+            raise IndexError(f"probe index {bad[0]} out of range for a probe of {len(probe)} images")
+        self.concepts = list(probe.concepts)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.probe.batch([self.indices[int(i)] for i in indices])
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,18 +536,20 @@ def soft_wpmi(acts_nu: torch.Tensor, image_emb_nd: torch.Tensor, concept_emb_cd:
 
 
 def clip_dissect_from_store(store: ActivationStore, concept_emb_cd: torch.Tensor, layer: str | None = None,
-                            config: SoftWPMIConfig = SoftWPMIConfig(), image_field: str = "clip_image") -> torch.Tensor:
+                            config: SoftWPMIConfig = SoftWPMIConfig(), image_field: str = "clip_image",
+                            rows: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`soft_wpmi` over a store (built with a CLIP backend), streaming over shards.
 
     Keeps a running top_k per unit and the (N, C) concept probabilities of the probing images
-    (N x C floats; the activations themselves are never all in memory). Returns (C, U).
+    (N x C floats; the activations themselves are never all in memory). ``rows``: (R,) store
+    rows to use as the probing set (None: all). Returns (C, U).
     """
     field = acts_field(layer or store.layers[0])
     if image_field not in store.fields:
         raise ValueError(f"store has no {image_field!r} field: build it with a CLIP backend (clip=...)")
     top_v = top_i = None
     probs, offset = [], 0
-    for shard in store.iter_shards([field, image_field]):
+    for shard in _iter_rows(store, [field, image_field], rows):
         acts = shard[field].float()
         if not torch.isfinite(acts).all():
             raise ValueError("activations contain NaN or inf")
@@ -580,10 +645,16 @@ def captum_scores(model: nn.Module, layer: str, images: torch.Tensor, labels, me
 # Harness helpers
 
 
-def score_selectors(scores: dict[str, torch.Tensor]) -> dict[str, list[ScoreSelector]]:
+def score_selectors(scores: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]]) -> dict[str, list[ScoreSelector]]:
     """``{name: (C, U) scores}`` -> ``{name: [ScoreSelector]}``, the input of
-    pipeline.intervention_table (baselines are deterministic: one selector each)."""
-    return {name: [ScoreSelector(name, s)] for name, s in scores.items()}
+    pipeline.intervention_table; a list of such dicts (one per seed, i.e. probing-set draw) gives
+    one selector per seed and method, in seed order."""
+    draws = [scores] if isinstance(scores, dict) else list(scores)
+    out: dict[str, list[ScoreSelector]] = {}
+    for draw in draws:
+        for name, s in draw.items():
+            out.setdefault(name, []).append(ScoreSelector(name, s))
+    return out
 
 
 @torch.no_grad()
@@ -608,13 +679,16 @@ def class_baseline_scores(
     model: nn.Module, layer: str, store: ActivationStore | None = None, *, methods: Sequence[str] = BASELINES,
     n_classes: int | None = None, class_emb_cd: torch.Tensor | None = None, mask_probe: MaskProbe | None = None,
     captum_images: torch.Tensor | None = None, captum_labels=None, wpmi: SoftWPMIConfig = SoftWPMIConfig(),
-    n_steps: int = 16, batch_size: int = 64, device=None, progress: bool = False,
+    n_steps: int = 16, batch_size: int = 64, device=None, progress: bool = False, rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """(C, U) class scores of the requested baselines, for the delta-accuracy tables.
 
     - Act-Values: mean pooled activation per class over ``store`` (its ``label`` field).
     - CLIP-Dissect: soft-WPMI over ``store`` (needs its ``clip_image`` field) with the class text
       embeddings ``class_emb_cd`` (C, D) as concepts.
+    - ``rows``: (R,) store rows that form the probing set of both (a seeded draw from
+      :func:`probe_rows`; None: every row). ``layer`` names the store field for these two, the
+      model layer for the others (the same name for neurons).
     - NetDissect: IoU with ``mask_probe``'s masks; its concepts' first C entries must be the
       classes (true for :class:`ShapesMaskProbe`: SHAPES come first in CONCEPTS).
     - Captum-*: attributions on ``captum_images`` / ``captum_labels`` (a few per class suffice).
@@ -629,11 +703,11 @@ def class_baseline_scores(
         if m in (ACT_VALUES, CLIP_DISSECT) and store is None:
             raise ValueError(f"{m} needs an activation store")
         if m == ACT_VALUES:
-            out[m] = act_values_from_store(store, layer, n_classes)
+            out[m] = act_values_from_store(store, layer, n_classes, rows=rows)
         elif m == CLIP_DISSECT:
             if class_emb_cd is None:
                 raise ValueError("CLIP-Dissect needs class_emb_cd (the class text embeddings)")
-            out[m] = clip_dissect_from_store(store, class_emb_cd, layer, wpmi)
+            out[m] = clip_dissect_from_store(store, class_emb_cd, layer, wpmi, rows=rows)
         elif m == NETDISSECT:
             if mask_probe is None:
                 raise ValueError("NetDissect needs a mask_probe")

@@ -1,7 +1,10 @@
 """Command line: ``miclip-nb run --config run.yaml`` runs the pipeline headless and writes CSV/JSON.
 
 Every PipelineConfig field can also be given as ``--set key=value`` (values parsed as YAML), e.g.
-``miclip-nb run --set model=toy_vit --set seeds=[0,1]``.
+``miclip-nb run --set model=toy_vit --set seeds=[0,1]``. The delta-accuracy table has one row per
+method: ``--set methods=[miclip,random,act_values,netdissect,clip_dissect,captum_ig]`` (see
+pipeline.METHODS), on SAE features with ``--set units=sae`` (miclip, random, act_values,
+clip_dissect). It is written as ``delta_accuracy.csv`` and ``delta_accuracy.md`` and printed.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = run(config, progress=not args.quiet)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    print()
+    print(paths["delta_md"].read_text())
     return 0
 
 

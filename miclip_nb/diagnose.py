@@ -30,9 +30,12 @@ from .store import build_store, model_identity
 
 
 def layerwise_encoders(target, backend, dataset, layers: Sequence[str], class_text_emb_cd: torch.Tensor, *,
-                       pooling: str = "mean", config: AlignConfig = AlignConfig(), seed: int = 0,
+                       pooling: str = "mean", config: AlignConfig = AlignConfig(unit_dropout=0.0), seed: int = 0,
                        device: str | None = None, batch_size: int = 128, progress: bool = True) -> dict[str, NeuronEncoder]:
     """One encoder per layer, from a single capture pass (cached store) and cached trainings.
+
+    The default config trains without unit dropout: a trajectory embeds whole activation vectors,
+    not single units (see :mod:`miclip_nb.align`).
 
     Returns ``{layer: encoder}`` in the order of ``layers``.
     """
@@ -130,6 +133,25 @@ def failure_summary(trajectories: Sequence[Trajectory]) -> dict:
     order = [l for l in layers if l in over] + (["never"] if "never" in over else [])
     return {"overtake_counts": pd.Series({l: over[l] for l in order}, name="failures", dtype=int),
             "concept_counts": pd.Series(dict(concepts.most_common()), name="failures", dtype=int)}
+
+
+def concept_hit_rate(trajectories: Sequence[Trajectory], concepts: Sequence[str], at: str = "overtake") -> tuple[float, int]:
+    """How often image i's concept ``concepts[i]`` is among the top concepts of trajectory i.
+
+    at: "overtake" (the overtaking layer; trajectories never overtaken are left out) or "best"
+    (the layer where the truth dominates most, a control). Returns (rate in [0, 1], images counted).
+    Raises ValueError for mismatched lengths or another ``at``.
+    """
+    if len(concepts) != len(trajectories):
+        raise ValueError(f"{len(trajectories)} trajectories but {len(concepts)} concepts")
+    if at not in ("overtake", "best"):
+        raise ValueError(f"at must be 'overtake' or 'best', got {at!r}")
+    hits = []
+    for t, c in zip(trajectories, concepts):
+        layer = t.overtake_layer if at == "overtake" else t.best_layer
+        if t.overtake_layer is not None:
+            hits.append(c in [name for name, _ in t.top_concepts[layer]])
+    return (sum(hits) / len(hits) if hits else float("nan")), len(hits)
 
 
 def find_failures(target, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

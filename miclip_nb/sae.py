@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._paths import cache_dir
+from ._progress import bars_off
 from .embed import state_fingerprint
 from .steer import MODES
 from .store import METADATA, ActivationStore, StoreError, StoreSpec, StoreWriter, acts_field
@@ -368,7 +369,7 @@ def train_sae(
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = sum(math.ceil(n / config.batch_size) for n in _vectors_per_shard(store, field_name, n_prefix, config, seed))
     history: dict[str, list[float]] = {"train_nmse": [], "train_aux": [], "dead_fraction_train": []}
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"SAE {layer}", disable=not progress)
+    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"SAE {layer}", disable=bars_off(progress))
     for epoch in range(config.epochs):
         sum_nmse, sum_aux, n_steps = 0.0, 0.0, 0
         order = torch.randperm(len(store.meta["shards"]), generator=gen).tolist()
@@ -628,7 +629,7 @@ def build_sae_code_store(
     dtype = getattr(torch, spec.dtype.split(".")[-1])
     with StoreWriter(out_dir, spec, shard_size or int(store.meta.get("shard_size", 2048))) as writer:
         for shard in tqdm(store.iter_shards([field_name, *extra]), total=len(store.meta["shards"]),
-                          desc=f"SAE codes {layer}", disable=not progress):
+                          desc=f"SAE codes {layer}", disable=bars_off(progress)):
             acts = shard[field_name]
             for start in range(0, acts.shape[0], batch_size):
                 rows = _pooled_rows(sae, acts[start : start + batch_size], pooling, n_prefix, name, dtype, device)
@@ -699,7 +700,7 @@ def build_sae_code_store_from_model(
     sae = sae.to(device).eval()
     dtype = getattr(torch, spec.dtype.split(".")[-1])
     with StoreWriter(out_dir, spec, shard_size) as writer, hooked_activations(model, [layer], "none") as captured:
-        for x_model, x_clip, labels in tqdm(loader, desc=f"SAE codes {layer}", disable=not progress):
+        for x_model, x_clip, labels in tqdm(loader, desc=f"SAE codes {layer}", disable=bars_off(progress)):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(x_model.to(device, non_blocking=True))
             rows = _pooled_rows(sae, captured[layer], pooling, n_prefix, name, dtype, device)

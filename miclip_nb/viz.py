@@ -79,6 +79,44 @@ def delta_accuracy_bars(table, title: str = "Delta-accuracy per method") -> plt.
     return fig
 
 
+def intervention_panels(long, panel: str = "setting", title: str = "Delta-accuracy of editing each class's top units",
+                        wrong_mark: str = "†") -> plt.Figure:
+    """The paper's Table 2 as seaborn bars, one panel per value of column ``panel`` (e.g. model and
+    units): x = method, hue = intervention, bar = mean over seeds, error bar = std.
+
+    long: rows of pipeline.intervention_table (method, intervention, beta, delta_acc) plus the
+    ``panel`` column. A bar whose mean moves against the expected direction (enhancement < 0,
+    removal > 0) gets ``wrong_mark`` above it. Raises KeyError for a missing column.
+    """
+    panels = list(dict.fromkeys(long[panel]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.8, 3.6), squeeze=False, sharey=True)
+    hue_order = list(dict.fromkeys(long["intervention"]))
+    for ax, name in zip(axes[0], panels):
+        sub = long[long[panel] == name]
+        order = list(dict.fromkeys(sub["method"]))
+        sns.barplot(data=sub, x="method", y="delta_acc", hue="intervention", order=order, hue_order=hue_order,
+                    errorbar="sd", ax=ax, legend=ax is axes[0][-1])
+        means = sub.groupby(["intervention", "method"])["delta_acc"].mean()
+        for hi, interv in enumerate(hue_order):
+            beta = float(sub.loc[sub["intervention"] == interv, "beta"].iloc[0]) if "beta" in sub else 1.0
+            sign = {"enhance": 1, "remove": -1}.get(interv, 0 if beta == 1.0 else (1 if beta > 1.0 else -1))
+            for mi, method in enumerate(order):
+                m = means.get((interv, method))
+                if m is not None and sign and m * sign < 0:
+                    x = mi + (hi - (len(hue_order) - 1) / 2) * 0.8 / len(hue_order)
+                    ax.text(x, m, wrong_mark, ha="center", va="bottom" if m >= 0 else "top", color="#d62728", fontsize=11)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(xlabel="", ylabel="Δ accuracy (pp)", title=str(name))
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+    if axes[0][-1].get_legend() is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1), frameon=False, fontsize=7, title=None)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def beta_curves(sweeps, title: str = "Dose-response") -> plt.Figure:
     """Lines of delta-accuracy against beta; ``sweeps``: DataFrame with method, beta, delta_acc."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -86,6 +124,29 @@ def beta_curves(sweeps, title: str = "Dose-response") -> plt.Figure:
     ax.axhline(0, color="k", lw=0.8)
     ax.axvline(1, color="grey", ls=":")
     ax.set(xlabel="β (scale factor)", ylabel="Δ accuracy (pp)", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def beta_curve_panels(sweeps, panel: str = "setting", title: str = "Dose-response: scale each class's top units by β") -> plt.Figure:
+    """:func:`beta_curves` with one panel per value of column ``panel`` (shared y axis).
+
+    sweeps: DataFrame with method, beta, delta_acc and ``panel`` (e.g. pipeline.beta_sweep_table
+    rows of several models); several rows per (method, beta) (seeds) are averaged, the band
+    spanning their min to max. Raises KeyError for a missing column.
+    """
+    panels = list(dict.fromkeys(sweeps[panel]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 1.2, 3.2), squeeze=False, sharey=True)
+    hue_order = list(dict.fromkeys(sweeps["method"]))
+    for ax, name in zip(axes[0], panels):
+        sns.lineplot(data=sweeps[sweeps[panel] == name], x="beta", y="delta_acc", hue="method", hue_order=hue_order,
+                     marker="o", errorbar=("pi", 100), ax=ax, legend=ax is axes[0][-1])
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axvline(1, color="grey", ls=":")
+        ax.set(xlabel="β (scale factor)", ylabel="Δ accuracy (pp)", title=str(name))
+    if axes[0][-1].get_legend() is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1), frameon=False, fontsize=7, title=None)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 

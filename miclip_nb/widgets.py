@@ -169,3 +169,173 @@ def failure_panel(trajectories, images_uint8: np.ndarray | None, class_names) ->
         show()
     box = W.VBox([pick, W.HBox([image, plot]), table])
     return {"widget": box, "parts": {"failure": pick, "image": image, "plot": plot, "table": table}}
+
+
+@dataclass
+class FeatureGroundingState:
+    """What the SAE-feature panel browses: feature embeddings, a way to embed concepts, and a
+    heatmap function over a fixed set of probe images (optionally with ground-truth masks)."""
+
+    unit_emb_ud: torch.Tensor  # (F, D) feature embeddings (zero rows are never offered)
+    encode_text: object  # callable concept str -> (D,) text embedding
+    heatmap_fn: object  # callable (images (N, 3, H, W), feature) -> (N, H, W) activation maps
+    images: torch.Tensor  # (N, 3, H, W) preprocessed probe images
+    images_uint8: np.ndarray  # (N, h, w, 3) the same images for display
+    layer: str  # the layer the SAE reads
+    concepts: list[str]  # concepts offered in the panel's menu
+    masks: dict | None = None  # optional {concept: (N, h, w) bool}: per-image IoU in the titles
+    unit_label: str = "SAE feature"  # for titles
+    quantile: float = 0.8  # heatmap threshold for the IoU (see grounding.heatmap_masks)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images_uint8.ndim != 4 or len(self.images) != len(self.images_uint8):
+            raise ValueError(f"images {tuple(self.images.shape)} and images_uint8 {self.images_uint8.shape} must be "
+                             "(N, 3, H, W) and (N, h, w, 3) with the same N")
+        if not self.concepts:
+            raise ValueError("give at least one concept")
+
+    @property
+    def n_features(self) -> int:
+        """F, the number of SAE features (rows of unit_emb_ud)."""
+        return int(self.unit_emb_ud.shape[0])
+
+
+def build_feature_state(target, layer: str, sae, unit_emb_ud: torch.Tensor, backend, dataset, concepts,
+                        n_images: int = 12, quantile: float = 0.8) -> FeatureGroundingState:
+    """Bundle a model, an SAE and its aligned feature embeddings for :func:`sae_feature_panel`.
+
+    target: a zoo.TargetModel; sae: a sae.TopKSAE trained at ``layer``; unit_emb_ud: (F, D);
+    backend: the EmbeddingBackend the features were aligned with; dataset: yields (PIL image,
+    label); its first ``n_images`` images are the probes. A Shapes-world dataset (with
+    ``sample(i).concept_masks()``) also supplies masks, so the panel reports IoU per image.
+    Raises ValueError for an empty concept list.
+    """
+    from .grounding import feature_heatmaps
+    from .shapes import CONCEPTS
+
+    concepts = list(concepts)
+    n = min(n_images, len(dataset))
+    pil = [dataset[i][0].convert("RGB") for i in range(n)]
+    images = torch.stack([target.preprocess(img) for img in pil])
+    size = tuple(images.shape[-2:])
+    display = np.stack([np.asarray(img.resize(size[::-1])) for img in pil])
+    masks = None
+    if hasattr(dataset, "sample"):
+        stack = np.stack([dataset.sample(i).concept_masks() for i in range(n)])  # (N, K, H, W)
+        if stack.shape[-2:] == size:
+            masks = {c: stack[:, CONCEPTS.index(c)] for c in concepts if c in CONCEPTS}
+    cache: dict[int, np.ndarray] = {}
+
+    def heatmap_fn(x: torch.Tensor, feature: int) -> np.ndarray:
+        if x is images:  # the probe images: one forward pass per feature, then cached
+            if feature not in cache:
+                cache[feature] = feature_heatmaps(target, layer, sae, x, feature)
+            return cache[feature]
+        return feature_heatmaps(target, layer, sae, x, feature)
+
+    def encode_text(text: str) -> torch.Tensor:
+        return encode_concepts(backend, [text])[0]
+
+    return FeatureGroundingState(unit_emb_ud, encode_text, heatmap_fn, images, display, layer, concepts, masks,
+                                 quantile=quantile)
+
+
+def top_features(state: FeatureGroundingState, concept: str, tau: int) -> list[tuple[int, float]]:
+    """[(feature, cosine)] of the ``tau`` features most similar to ``concept`` (rows that are zero,
+    e.g. rare features dropped by sae.drop_rare_units, never come first). Raises ValueError for
+    empty text or tau out of range."""
+    concept = (concept or "").strip()
+    if not concept:
+        raise ValueError("pick a concept first")
+    units, scores = localize(state.unit_emb_ud, state.encode_text(concept), tau)
+    return list(zip(units.tolist(), scores.tolist()))
+
+
+def feature_heatmap_figure(state: FeatureGroundingState, feature: int, image_idx, concept: str | None = None):
+    """The heatmaps of ``feature`` on the probe images ``image_idx`` (indices into state.images),
+    titled with the peak activation and, when masks for ``concept`` are known, the IoU with them.
+    Returns (matplotlib Figure, per-image IoU array or None). Raises ValueError for no images,
+    IndexError for an image index out of range."""
+    import torch.nn.functional as F
+
+    from .grounding import heatmap_iou, plot_heatmaps
+
+    idx = np.asarray(list(image_idx), dtype=int)
+    if idx.size == 0:
+        raise ValueError("choose at least one image")
+    if idx.min() < 0 or idx.max() >= len(state.images):
+        raise IndexError(f"image index out of range 0..{len(state.images) - 1}")
+    heat = np.asarray(state.heatmap_fn(state.images, int(feature)))[idx]
+    display = state.images_uint8[idx]
+    if heat.shape[-2:] != display.shape[1:3]:
+        heat = F.interpolate(torch.as_tensor(heat)[:, None], size=display.shape[1:3], mode="bilinear",
+                             align_corners=False)[:, 0].numpy()
+    iou = None
+    mask = (state.masks or {}).get(concept) if concept else None
+    if mask is not None:
+        iou = heatmap_iou(heat, mask[idx], quantile=state.quantile)
+    titles = [f"#{i} peak {h.max():.2f}" + ("" if iou is None or np.isnan(v) else f"\nIoU {v:.2f}")
+              for i, h, v in zip(idx, heat, iou if iou is not None else [np.nan] * len(idx))]
+    fig = plot_heatmaps(display, heat, titles, ncols=min(6, len(idx)),
+                        suptitle=f"{state.unit_label} {feature} at {state.layer}")
+    return fig, iou
+
+
+def sae_feature_panel(state: FeatureGroundingState, tau: int = 5, images: tuple[int, ...] | None = None) -> dict:
+    """Pick a concept -> its top SAE features (cosine); pick a feature and images -> the feature's
+    heatmaps on them (with IoU against the concept's masks when known).
+
+    Parts: ``concept`` (Dropdown), ``tau`` (IntSlider), ``feature`` (Dropdown of the top features),
+    ``images`` (SelectMultiple of probe indices), ``show`` (Button), ``status``/``table`` (HTML),
+    ``heatmaps`` (Image, PNG). Changing the concept refills the features and redraws; changing the
+    feature or the images redraws.
+    """
+    n_img = len(state.images)
+    concept = W.Dropdown(options=state.concepts, value=state.concepts[0], description="concept")
+    tau_slider = W.IntSlider(value=min(tau, state.n_features), min=1, max=min(20, state.n_features), description="top features")
+    feature = W.Dropdown(options=[], description=state.unit_label[:12])
+    chosen = W.SelectMultiple(options=[(f"image {i}", i) for i in range(n_img)],
+                              value=tuple(images) if images is not None else tuple(range(min(6, n_img))),
+                              description="images", rows=min(6, n_img))
+    show = W.Button(description="Show heatmaps", button_style="primary")
+    status, table = W.HTML(), W.HTML()
+    heatmaps = W.Image(format="png")
+    busy = {"refill": False}
+
+    def draw(_=None):
+        if busy["refill"] or feature.value is None:
+            return
+        try:
+            fig, iou = feature_heatmap_figure(state, int(feature.value), chosen.value, concept.value)
+        except (ValueError, IndexError) as err:
+            status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            return
+        heatmaps.value = viz.figure_png(fig)
+        mean_iou = "" if iou is None or np.all(np.isnan(iou)) else f"; mean IoU with “{html.escape(concept.value)}” masks {np.nanmean(iou):.2f}"
+        status.value = (f"{state.unit_label} {int(feature.value)} at <code>{html.escape(state.layer)}</code> on "
+                        f"{len(chosen.value)} images{mean_iou}")
+
+    def refill(_=None):
+        try:
+            hits = top_features(state, concept.value, tau_slider.value)
+        except ValueError as err:
+            status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            return
+        table.value = _table(hits, (state.unit_label, "cosine"))
+        busy["refill"] = True
+        try:
+            feature.options = [(f"{u} (cos {s:.2f})", u) for u, s in hits]
+            feature.value = hits[0][0]
+        finally:
+            busy["refill"] = False
+        draw()
+
+    concept.observe(refill, names="value")
+    tau_slider.observe(refill, names="value")
+    feature.observe(draw, names="value")
+    chosen.observe(draw, names="value")
+    show.on_click(draw)
+    refill()
+    box = W.VBox([W.HBox([concept, tau_slider]), W.HBox([W.VBox([feature, chosen, show]), table]), status, heatmaps])
+    return {"widget": box, "parts": {"concept": concept, "tau": tau_slider, "feature": feature, "images": chosen,
+                                     "show": show, "status": status, "table": table, "heatmaps": heatmaps}}

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from miclip_nb.sae import SAEConfig, TopKSAE
 from miclip_nb.store import ActivationStore, StoreSpec, StoreWriter, acts_field
 
 
@@ -37,3 +38,13 @@ def planted_store(root: Path, *, n: int = 3000, n_classes: int = 6, n_units: int
             sl = slice(start, start + 250)
             writer.append({acts_field("layer"): acts[sl], "clip_image": image[sl], "label": labels[sl], "pred": labels[sl]})
     return ActivationStore(store_dir), text, planted
+
+
+def random_sae(d_in: int, seed: int = 0) -> TopKSAE:
+    """An untrained top-k SAE (expansion 2, k=8) over ``d_in`` inputs whose encoder biases are
+    positive, so that every input activates k latents (for steering and heatmap tests)."""
+    torch.manual_seed(seed)
+    sae = TopKSAE(d_in, SAEConfig(expansion=2, k=8))
+    with torch.no_grad():
+        sae.b_enc.uniform_(0.0, 0.5)
+    return sae

@@ -89,3 +89,21 @@ def imagenet_sample_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"${IMAGENET_SAMPLE_ENV}={value} is not a folder")
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    """A random-weight timm ViT on 32 px images (patch 8, 2 blocks, 5 classes), in eval mode."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8, depth=2).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn():
+    """A random-weight timm ResNet-10t (5 classes), in eval mode."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet10t", pretrained=False, num_classes=5).eval()

@@ -122,3 +122,63 @@ def test_wrong_input_shape_is_a_clear_error(tiny_cnn):
     with pytest.raises(InputShapeError, match=r"\(2, 1, 64, 64\)"):
         capture(tiny_cnn, torch.randn(2, 1, 64, 64), "layer2")
     assert all(not m._forward_hooks for m in tiny_cnn.modules())
+
+
+def test_cached_class_deltas_match_full_forward(tiny_cnn, tiny_vit):
+    """The tail run on cached layer outputs predicts exactly what the full edited forward does."""
+    from miclip_nb.steer import cache_layer_outputs, cached_class_deltas, tail_module
+
+    labels = torch.arange(5).repeat(4)
+    cases = ((tiny_cnn, "layer3", 64), (tiny_cnn, "stages.3.layers.1.shortcut", 64), (tiny_vit, "blocks.0", 32))
+    for model, layer, size in cases:  # the second is an alias of layer4.0
+        x = torch.randn(20, 3, size, size)
+        units = torch.tensor([0, 3, 5])
+        with hooked_activations(model, layer, "none") as acts:
+            model(x[:4])
+        tail = tail_module(model, layer, x[:2])
+        with intervene(model, layer, units, "scale", 0.0):
+            full = model(x[:4])
+        assert torch.allclose(tail(neuron_edit(units, "scale", 0.0)(acts[layer])), full, atol=1e-5)
+        sel = {c: torch.tensor([c, c + 5, 2 * c + 1]) for c in range(5)}
+        for beta in (0.0, 2.0):
+            ref = class_deltas(model, x, labels, layer, sel, beta=beta, n_other=6, batch_size=7)
+            got = cached_class_deltas(model, x, labels, layer, sel, beta=beta, n_other=6, batch_size=7,
+                                      cache=cache_layer_outputs(model, x, layer))
+            assert ref.equals(got)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_cnn.modules())
+
+
+def test_unsplittable_models_are_a_clear_error(tiny_cnn):
+    from miclip_nb.steer import SplitError, tail_module
+
+    with pytest.raises(SplitError, match="layer3.0.*not a plain sequence"):
+        tail_module(tiny_cnn, "layer3.0.conv1", torch.randn(2, 3, 64, 64))
+    with pytest.raises(SplitError, match="does more than"):  # the flatten before fc is not a module
+        tail_module(UnitPerClassFlatten(), "features", torch.randn(2, 4, 1, 1))
+    with pytest.raises(LayerNotFoundError):
+        tail_module(tiny_cnn, "layer9", torch.randn(2, 3, 64, 64))
+
+
+class UnitPerClassFlatten(nn.Module):
+    """features -> flatten (a function, not a module) -> head: not a chain of its children."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Identity()
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def test_cache_is_not_changed_by_inplace_ops_after_the_layer():
+    """A ReLU(inplace=True) right after the layer rewrites its output; the cache keeps the original."""
+    from miclip_nb.steer import cached_class_deltas
+
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    x, labels = torch.randn(30, 3, 8, 8), torch.arange(3).repeat(10)
+    sel = {c: torch.tensor([c, c + 3]) for c in range(3)}
+    with torch.no_grad():
+        ref = class_deltas(model, x, labels, "0", sel, mode="shift", beta=0.3, n_other=5)
+        got = cached_class_deltas(model, x, labels, "0", sel, mode="shift", beta=0.3, n_other=5)
+    assert ref.equals(got)

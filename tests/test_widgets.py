@@ -1,6 +1,7 @@
 """Panels driven without a browser: set values, click, read what they show."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -55,3 +56,81 @@ def test_unit_inspector_shows_descriptions_images_and_histogram():
     assert "blue" in parts["table"].value.split("</tr>")[1]
     assert parts["images"].value != before[0] and parts["histogram"].value != before[1]
     assert parts["unit"].max == 7
+
+
+def _feature_state(with_masks: bool = True):
+    # Feature f points at word f % 4 and fires on a 4 x 4 square at (f, f), so each feature's
+    # heatmap differs; the "red" masks cover feature 0's square exactly.
+    from miclip_nb.widgets import FeatureGroundingState
+
+    dim = len(WORDS)
+    unit_emb = F.normalize(F.one_hot(torch.arange(8) % dim, dim).float() + 0.05 * torch.arange(8)[:, None], dim=-1)
+    images = torch.zeros(5, 3, 16, 16)
+    calls = []
+
+    def heatmap_fn(x, feature):
+        calls.append(feature)
+        heat = np.zeros((x.shape[0], 16, 16), dtype=np.float32)
+        r = feature
+        heat[:, r : r + 4, r : r + 4] = 1.0 + feature
+        return heat
+
+    masks = np.zeros((5, 16, 16), dtype=bool)
+    masks[:, 0:4, 0:4] = True
+    state = FeatureGroundingState(unit_emb, lambda text: F.one_hot(torch.tensor(WORDS.index(text)), dim).float(),
+                                  heatmap_fn, images, np.zeros((5, 16, 16, 3), dtype=np.uint8), "blocks.4", ["red", "star"],
+                                  {"red": masks} if with_masks else None)
+    return state, calls
+
+
+def test_top_features_ranks_features_of_the_concept():
+    from miclip_nb.widgets import top_features
+
+    state, _ = _feature_state()
+    assert sorted(u for u, _ in top_features(state, "star", 2)) == [1, 5]
+    with pytest.raises(ValueError, match="concept"):
+        top_features(state, " ", 2)
+
+
+def test_sae_feature_panel_browses_features_and_redraws_heatmaps():
+    from miclip_nb.widgets import sae_feature_panel
+
+    state, calls = _feature_state()
+    panel = sae_feature_panel(state, tau=2, images=(0, 1))
+    parts = panel["parts"]
+    assert parts["feature"].value == 0 and [v for _, v in parts["feature"].options] == [0, 4]
+    assert ">4<" in parts["table"].value and ">0<" in parts["table"].value
+    first = parts["heatmaps"].value
+    assert first[:4] == b"\x89PNG" and "2 images" in parts["status"].value
+    assert "mean IoU with “red” masks 1.00" in parts["status"].value  # feature 0's square is the red mask
+    parts["feature"].value = 4  # a square beside the mask
+    assert "mean IoU with “red” masks 0.00" in parts["status"].value and parts["heatmaps"].value != first
+    parts["concept"].value = "star"
+    assert [v for _, v in parts["feature"].options] == [1, 5] and parts["feature"].value == 1
+    assert "IoU" not in parts["status"].value  # no masks for "star"
+    star_png = parts["heatmaps"].value
+    parts["images"].value = (2, 3, 4)
+    assert "3 images" in parts["status"].value and parts["heatmaps"].value != star_png
+    parts["tau"].value = 3
+    assert parts["table"].value.count("<tr>") == 4 and len(parts["feature"].options) == 3
+    n_calls = len(calls)
+    parts["show"].click()
+    assert len(calls) == n_calls + 1
+    parts["images"].value = ()
+    assert "choose at least one image" in parts["status"].value
+
+
+def test_feature_heatmap_figure_checks_indices():
+    import matplotlib.pyplot as plt
+
+    from miclip_nb.widgets import FeatureGroundingState, feature_heatmap_figure
+
+    state, _ = _feature_state(with_masks=False)
+    fig, iou = feature_heatmap_figure(state, 3, [0, 4])
+    assert iou is None and len([ax for ax in fig.axes if ax.images]) == 2
+    plt.close(fig)
+    with pytest.raises(IndexError):
+        feature_heatmap_figure(state, 3, [5])
+    with pytest.raises(ValueError, match="same N"):
+        FeatureGroundingState(state.unit_emb_ud, state.encode_text, state.heatmap_fn, state.images,
+                              state.images_uint8[:2], "x", ["red"])

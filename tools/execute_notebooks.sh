@@ -4,7 +4,7 @@
 # Runs as nbval does: progress bars off (TQDM_DISABLE), a fresh cache folder, the python3 kernel.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export TQDM_DISABLE=1 MPLBACKEND=module://matplotlib_inline.backend_inline
+export TQDM_DISABLE=1 MPLBACKEND=module://matplotlib_inline.backend_inline OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export MICLIP_CACHE_DIR=${MICLIP_CACHE_DIR:-$(mktemp -d)}
 notebooks=("$@")
 [ ${#notebooks[@]} -gt 0 ] || notebooks=(notebooks/*.ipynb)

@@ -8,6 +8,22 @@ from pathlib import Path
 import nbformat
 
 
+PARAMS_TOY_REAL = '''
+import os
+# Parameters. "toy": the Shapes world, offline, CPU, minutes. "real": the paper's setting
+# (ImageNet folders, CLIP ViT-B/16 'openai' downloaded on first use, a GPU).
+PROFILE = "toy"
+SEED = 0
+IMAGENET_TRAIN = os.environ.get("IMAGENET_TRAIN", "/data/imagenet/train")  # real profile only
+IMAGENET_VAL = os.environ.get("IMAGENET_VAL", "/data/imagenet/val")        # real profile only
+'''
+
+
+def params(extra: str = ""):
+    """The parameters cell every notebook starts with (toy/real profile), plus notebook-specific lines."""
+    return code(PARAMS_TOY_REAL.strip() + ("\n" + extra.strip() if extra.strip() else ""))
+
+
 def md(text: str):
     return nbformat.v4.new_markdown_cell(textwrap.dedent(text).strip())
 
