@@ -28,9 +28,15 @@ def tour():
         The model here is `toy_cnn`, a small CNN trained to tell six shapes apart in the **Shapes
         world**: synthetic images where we know every attribute (shape, colour, background texture)
         and every pixel. Because the ground truth is known, every claim below can be checked.
+        With `PROFILE = "real"` the same cells run the paper's setting: ResNet-50 aligned with CLIP
+        ViT-B/16 on ImageNet (weights download on first use; a GPU).
         """),
+        params('''
+        MODEL = "toy_cnn"                                                  # real: "timm:resnet50"
+        CONCEPTS = ["red", "star", "dots"] if PROFILE == "toy" else ["red", "dog", "stripes"]
+        CLASS = "star" if PROFILE == "toy" else "tiger"                   # the class whose units we remove
+        '''),
         code("""
-        import os
         import torch
         from miclip_nb import shapes, viz
         torch.manual_seed(0)
@@ -57,9 +63,13 @@ def tour():
         """),
         code("""
         from miclip_nb import pipeline
-        config = pipeline.PipelineConfig(model="toy_cnn", train_data="shapes:train:6000", seeds=(0,))
+        if PROFILE == "toy":
+            config = pipeline.PipelineConfig(model=MODEL, train_data="shapes:train:6000", seeds=(SEED,))
+        else:
+            config = pipeline.PipelineConfig(model=MODEL, clip="ViT-B-16", clip_pretrained="openai",
+                                             train_data=IMAGENET_TRAIN, seeds=(SEED,))
         prep = pipeline.prepare(config, progress=False)          # capture activations + CLIP embeddings (cached)
-        encoder = pipeline.fit_alignment(prep.store, prep.class_text_emb_cd, progress=False)
+        encoder = pipeline.fit_alignment(prep.store, prep.class_text_emb_cd, seed=SEED, progress=False)
         print(f"model {prep.target.name}, layer {prep.layer}: {prep.store.n_rows} images captured, "
               f"{encoder.config.n_units} units aligned into a {encoder.config.embed_dim}-d CLIP space")
         """),
@@ -67,15 +77,14 @@ def tour():
         code("""
         from miclip_nb import interpret
         unit_emb = interpret.unit_embeddings(encoder)
-        concepts = ["red", "star", "dots"]
-        concept_emb = interpret.encode_concepts(prep.backend, concepts)
-        for name, emb in zip(concepts, concept_emb):
+        concept_emb = interpret.encode_concepts(prep.backend, CONCEPTS)
+        for name, emb in zip(CONCEPTS, concept_emb):
             units, scores = interpret.localize(unit_emb, emb, tau=3)
             print(f"{name:>5}: units {units.tolist()}  cosine {[round(s, 2) for s in scores.tolist()]}")
         """),
         md("## Describe: what does the top *star* unit mean?"),
         code("""
-        vocab = interpret.concept_set("shapes")
+        vocab = interpret.concept_set("shapes" if PROFILE == "toy" else "imagenet")
         star_unit = int(interpret.localize(unit_emb, concept_emb[1], tau=1)[0][0])
         for concept, score in interpret.describe(unit_emb, star_unit, interpret.encode_concepts(prep.backend, vocab), vocab, tau=3):
             print(f"unit {star_unit}: {concept:<8} {score:.2f}")
@@ -88,12 +97,13 @@ def tour():
         """),
         code("""
         from miclip_nb import datasets, select, steer
-        images, labels = pipeline.load_eval_images(prep.target, datasets.open_dataset("shapes:test:600"))
-        star = shapes.SHAPES.index("star")
+        eval_data = datasets.open_dataset("shapes:test:600" if PROFILE == "toy" else IMAGENET_VAL)
+        images, labels = pipeline.load_eval_images(prep.target, eval_data, n=600 if PROFILE == "toy" else None)
+        star = prep.target.class_names.index(CLASS)
         miclip_units = select.MiClipSelector(unit_emb, prep.class_text_emb_cd).select(star, 5)
-        for name, units in [("MiClip", miclip_units), ("random", select.RandomSelector(unit_emb.shape[0], 0).select(star, 5))]:
+        for name, units in [("MiClip", miclip_units), ("random", select.RandomSelector(unit_emb.shape[0], SEED).select(star, 5))]:
             df = steer.class_deltas(prep.target.module, images, labels, prep.layer, {star: units}, beta=0.0)
-            print(f"remove 5 {name:<6} units: star accuracy {df.acc_base[0]:.1f}% -> {df.acc_edit[0]:.1f}%")
+            print(f"remove 5 {name:<6} units: {CLASS} accuracy {df.acc_base[0]:.1f}% -> {df.acc_edit[0]:.1f}%")
         """),
         md("""
         **Read the numbers honestly.** One class and one seed is an anecdote. Over all six classes and

@@ -21,7 +21,8 @@ IMAGENET_VAL = os.environ.get("IMAGENET_VAL", "/data/imagenet/val")        # rea
 
 def params(extra: str = ""):
     """The parameters cell every notebook starts with (toy/real profile), plus notebook-specific lines."""
-    return code(PARAMS_TOY_REAL.strip() + ("\n" + extra.strip() if extra.strip() else ""))
+    extra = textwrap.dedent(extra).strip()
+    return code(PARAMS_TOY_REAL.strip() + ("\n" + extra if extra else ""))
 
 
 def md(text: str):
