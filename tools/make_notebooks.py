@@ -120,9 +120,14 @@ def tour():
         - `03_intervention_tables`: the paper's Table 2 against Act-Values, Network Dissection, CLIP-Dissect, Captum.
         - `04_failure_diagnosis`: follow a wrong prediction layer by layer.
 
-        **Exercise.** Replace `"star"` by `"stripes"` in the localize cell. Which class's accuracy
-        should fall when you remove those units, and why? (Hint: in training, each shape sits on its
-        *typical texture* 80% of the time.)
+        ## Exercises
+        1. Replace `"star"` by `"stripes"` in `CONCEPTS`. Which class's accuracy should fall when you
+           remove those units, and why? (Hint: in training, each shape sits on its *typical texture*
+           80% of the time.)
+        2. Set `CLASS = "heart"` and rerun the steering cell. Is the drop larger or smaller than for
+           stars? Does the top *heart* unit's description (the describe cell, with `CONCEPTS[1] = "heart"`) name hearts?
+        3. Change `SEED` and rerun everything. Which results stay, and which change with the seed of
+           the alignment? What does that tell you about reading a single unit?
         """),
     ]
 
