@@ -24,18 +24,17 @@ train on whole vectors, as :mod:`miclip_nb.diagnose` does, since it embeds whole
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checkpoint import read_checkpoint, save_checkpoint
 from .store import ActivationStore, acts_field
 from ._progress import bars_off
 
@@ -240,7 +239,7 @@ def train_encoder(
 
     def run_epoch(train: bool, epoch: int) -> float:
         encoder.train(train)
-        total, count, offset = 0.0, 0, 0
+        total, count = 0.0, 0
         for batch in _row_batches(store, fields, config.batch_size, shuffle=train, seed=seed * 1000 + epoch):
             rows = batch.pop("_row")
             keep = is_val(rows) != train
@@ -316,26 +315,14 @@ def save_encoder(encoder: NeuronEncoder, path: str | Path) -> Path:
 
     Returns the safetensors path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    weights = path.with_suffix(".safetensors")
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(weights))
     meta = {"schema_version": ENCODER_SCHEMA_VERSION, "config": asdict(encoder.config), "meta": encoder.meta}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-    return weights
+    return save_checkpoint(path, encoder.state_dict(), meta)
 
 
 def load_encoder(path: str | Path) -> NeuronEncoder:
     """Read an encoder written by :func:`save_encoder`. Raises FileNotFoundError or ValueError
     (unknown schema version)."""
-    path = Path(path)
-    meta_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
-    if not meta_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"no encoder checkpoint at {path} (need {meta_path.name} and {weights.name})")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("schema_version") != ENCODER_SCHEMA_VERSION:
-        raise ValueError(f"encoder checkpoint schema {meta.get('schema_version')} != {ENCODER_SCHEMA_VERSION}")
+    meta, state = read_checkpoint(path, ENCODER_SCHEMA_VERSION, "encoder")
     encoder = NeuronEncoder(EncoderConfig(**meta["config"]), meta["meta"])
-    state = load_file(str(weights))
     encoder.load_state_dict(state)
     return encoder.eval()

@@ -22,7 +22,7 @@ from . import baselines as bl
 from ._paths import cache_dir
 from .align import AlignConfig, NeuronEncoder, load_encoder, save_encoder, train_encoder
 from .datasets import open_dataset
-from .embed import DEFAULT_TEMPLATES, EmbeddingBackend, build_concept_bank, load_clip
+from .embed import EmbeddingBackend, build_concept_bank, load_clip
 from .interpret import concept_set, default_templates, encode_concepts, shapes_concept_prompts, unit_embeddings
 from .sae import SAEConfig
 from .select import MiClipSelector, RandomSelector, UnitSelector, selection

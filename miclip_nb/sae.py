@@ -41,10 +41,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checkpoint import read_checkpoint, save_checkpoint
 from ._paths import cache_dir
 from ._progress import bars_off
 from .embed import state_fingerprint
@@ -479,28 +479,17 @@ def evaluate_sae(sae: TopKSAE, batches, device: str | torch.device | None = None
 def save_sae(sae: TopKSAE, path: str | Path) -> Path:
     """Write ``<path>.safetensors`` and ``<path>.json`` (schema version, d_in, config, provenance:
     model fingerprint, layer, store key; metrics). Returns the safetensors path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    weights = path.with_suffix(".safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(weights))
     meta = {"schema_version": SAE_SCHEMA_VERSION, "d_in": sae.d_in, "config": asdict(sae.config), "meta": sae.meta}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-    return weights
+    return save_checkpoint(path, sae.state_dict(), meta)
 
 
 def load_sae(path: str | Path, *, model: str | None = None, layer: str | None = None) -> TopKSAE:
     """Read an SAE written by :func:`save_sae` (eval mode, CPU); with ``model``/``layer`` given,
     check its provenance. Raises FileNotFoundError, ValueError (unknown schema) or
     SAEMismatchError (trained on another model or layer)."""
-    path = Path(path)
-    meta_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
-    if not meta_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"no SAE checkpoint at {path} (need {meta_path.name} and {weights.name})")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("schema_version") != SAE_SCHEMA_VERSION:
-        raise ValueError(f"SAE checkpoint schema {meta.get('schema_version')} != {SAE_SCHEMA_VERSION}")
+    meta, state = read_checkpoint(path, SAE_SCHEMA_VERSION, "SAE")
     sae = TopKSAE(int(meta["d_in"]), SAEConfig(**meta["config"]), meta["meta"])
-    sae.load_state_dict(load_file(str(weights)))
+    sae.load_state_dict(state)
     sae.check_compatible(model=model, layer=layer)
     return sae.eval()
 

@@ -10,7 +10,6 @@ from PIL import Image
 from miclip_nb.embed import (
     EmbeddingBackend,
     FunctionBackend,
-    OpenClipBackend,
     WeightsUnavailableError,
     build_concept_bank,
     load_clip,
