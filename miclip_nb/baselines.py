@@ -17,6 +17,8 @@ evidence for this concept" (no probing image had it); do not select from such a 
 - **Captum** (:func:`captum_unit_attributions`, :func:`captum_scores`): the attribution of the
   class logit to each unit by captum's LayerConductance, LayerIntegratedGradients or
   LayerGradientXActivation, summed over locations/tokens, averaged over the class's images.
+- **Ablation** (:func:`ablation_scores`): a causal reference rather than a method: what zeroing
+  each unit alone costs each class. Its top units show how much a removal *can* cost at a layer.
 
 :func:`removal_vs_random` is the "removing the top units hurts more than removing random ones" check
 used on real images (EfficientNet-Lite0 on imagenet-sample-500, see ``python -m
@@ -671,7 +673,61 @@ def pooled_activations(model: nn.Module, layer: str, images: torch.Tensor, pooli
     return torch.cat(out)
 
 
-#: Every baseline :func:`class_baseline_scores` can compute.
+# --------------------------------------------------------------------------------------------
+# Ablation: a causal reference, not an interpretation method
+
+
+#: Display name of the single-unit ablation reference (:func:`ablation_scores`).
+ABLATION = "Ablation"
+
+
+@torch.no_grad()
+def ablation_scores(model: nn.Module, layer: str, images: torch.Tensor, labels, n_classes: int | None = None, *,
+                    batch_size: int = 256, device=None, progress: bool = False) -> torch.Tensor:
+    """(C, U) what zeroing each unit alone costs each class: the drop in the mean log-probability of
+    class c over the class-c images among ``images`` when unit u of ``layer`` is set to 0 at every
+    location / token (higher = that unit matters more for c).
+
+    This reads the model's behaviour directly, which is what a removal experiment measures, so its
+    top units are a reference for how much removing a few units *can* cost (a greedy one: the units
+    are ranked one at a time), not an explanation. It costs U passes of the model after ``layer``
+    over the images (steer.tail_module: one full pass records the layer's outputs).
+    images: (N, 3, H, W) preprocessed; labels: (N,) ints. Rows of classes without images are NaN.
+    Raises steer.SplitError for a model that cannot be cut at ``layer``.
+    """
+    from .steer import cache_layer_outputs, tail_module, unit_dim
+
+    dev = _device(device)
+    model = model.to(dev).eval()
+    labels = torch.as_tensor(labels).long()
+    n_classes = int(n_classes or int(labels.max()) + 1)
+    tail = tail_module(model, layer, images[:2].to(dev))
+    acts, _ = cache_layer_outputs(model, images, layer, batch_size, dev)
+    dim = unit_dim(acts) % acts.ndim
+    n_units = acts.shape[dim]
+
+    def class_logprob(edited_unit: int | None) -> torch.Tensor:  # (C,) mean log p(label) per class
+        total = torch.zeros(n_classes, dtype=torch.float64)
+        for start in range(0, acts.shape[0], batch_size):
+            x = acts[start : start + batch_size].to(dev)
+            if edited_unit is not None:
+                x = x.clone()
+                x.select(dim, edited_unit).zero_()
+            y = labels[start : start + batch_size]
+            logp = tail(x).float().log_softmax(-1).cpu().gather(1, y[:, None])[:, 0]
+            total.index_add_(0, y, logp.double())
+        return total
+
+    counts = torch.bincount(labels, minlength=n_classes).double()
+    base = class_logprob(None)
+    scores = torch.stack([base - class_logprob(u) for u in tqdm(range(n_units), desc="ablation", disable=bars_off(progress))], 1)
+    scores = (scores / counts[:, None]).float()
+    scores[counts == 0] = float("nan")
+    return scores
+
+
+#: Every baseline :func:`class_baseline_scores` can compute (the ablation reference is apart:
+#: :func:`ablation_scores`, or ``methods=[ABLATION]`` there).
 BASELINES: tuple[str, ...] = (ACT_VALUES, NETDISSECT, CLIP_DISSECT, *CAPTUM_METHODS.values())
 
 
@@ -692,11 +748,12 @@ def class_baseline_scores(
     - NetDissect: IoU with ``mask_probe``'s masks; its concepts' first C entries must be the
       classes (true for :class:`ShapesMaskProbe`: SHAPES come first in CONCEPTS).
     - Captum-*: attributions on ``captum_images`` / ``captum_labels`` (a few per class suffice).
+    - Ablation (a causal reference, :func:`ablation_scores`): on the same images as Captum.
     Raises ValueError naming the input a requested method lacks, or an unknown method.
     """
-    unknown = [m for m in methods if m not in BASELINES]
+    unknown = [m for m in methods if m not in (*BASELINES, ABLATION)]
     if unknown:
-        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {[*BASELINES, ABLATION]}")
     out: dict[str, torch.Tensor] = {}
     by_name = {v: k for k, v in CAPTUM_METHODS.items()}
     for m in methods:
@@ -713,6 +770,10 @@ def class_baseline_scores(
                 raise ValueError("NetDissect needs a mask_probe")
             s = netdissect_scores(model, layer, mask_probe, batch_size=batch_size, device=device, progress=progress)
             out[m] = s[: n_classes or s.shape[0]]
+        elif m == ABLATION:
+            if captum_images is None or captum_labels is None:
+                raise ValueError(f"{m} needs captum_images and captum_labels")
+            out[m] = ablation_scores(model, layer, captum_images, captum_labels, n_classes, device=device, progress=progress)
         else:
             if captum_images is None or captum_labels is None:
                 raise ValueError(f"{m} needs captum_images and captum_labels")

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .capture import hooked_activations, num_prefix_tokens, spatial_map
+from .metrics import auroc
+from .shapes import CONCEPTS
 
 
 def _module(target) -> torch.nn.Module:
@@ -30,8 +32,9 @@ def _module(target) -> torch.nn.Module:
 
 @torch.no_grad()
 def _heatmaps(target, layer: str, images: torch.Tensor, value_fn: Callable[[torch.Tensor], torch.Tensor],
-              batch_size: int, device) -> np.ndarray:
-    """value_fn: per-location vectors (..., D) -> (..., 1) values; returns (N, H, W) float32."""
+              batch_size: int, device, upsample: bool = True) -> np.ndarray:
+    """value_fn: per-location vectors (..., D) -> (..., 1) values; returns (N, H, W) float32 at the
+    images' size, or at the layer's grid (h, w) with ``upsample=False``."""
     if images.ndim != 4:
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
     model = _module(target)
@@ -52,21 +55,23 @@ def _heatmaps(target, layer: str, images: torch.Tensor, value_fn: Callable[[torc
                 grid = value_fn(acts.movedim(1, -1)).movedim(-1, 1)
             else:
                 raise ValueError(f"layer {layer!r} has no spatial extent (output shape {tuple(acts.shape)})")
-            up = F.interpolate(grid.float(), size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-            out.append(up[:, 0].cpu())
+            if upsample:
+                grid = F.interpolate(grid.float(), size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+            out.append(grid[:, 0].float().cpu())
     return torch.cat(out).numpy().astype(np.float32)
 
 
 def feature_heatmaps(target, layer: str, sae, images: torch.Tensor, feature: int | Sequence[int], *,
                      weights: Sequence[float] | None = None, batch_size: int = 64,
-                     device: str | torch.device | None = None) -> np.ndarray:
+                     device: str | torch.device | None = None, upsample: bool = True) -> np.ndarray:
     """Activation map of SAE feature ``feature`` (or of a set of features) at ``layer``.
 
     target: a zoo.TargetModel or nn.Module; sae: a sae.TopKSAE trained on that layer; images:
     (N, 3, H, W) preprocessed; feature: one index, or several, whose codes are summed with
     ``weights`` (default equal; e.g. a concept's top features weighted by their cosine).
     Returns (N, H, W) float32: the code(s) at every patch token (prefix tokens excluded) or CNN
-    location, upsampled bilinearly to H x W. Raises IndexError for a feature out of range,
+    location, upsampled bilinearly to H x W (``upsample=False``: the layer's (h, w) grid, e.g. to
+    read a feature's strongest location). Raises IndexError for a feature out of range,
     ValueError for weights of another length or no feature, SAEMismatchError for a layer of
     another width.
     """
@@ -89,7 +94,7 @@ def feature_heatmaps(target, layer: str, sae, images: torch.Tensor, feature: int
         codes = sae.encode_features(v, feats)
         return codes if len(feats) == 1 else (codes * w.to(codes.device)).sum(-1, keepdim=True)
 
-    return _heatmaps(target, layer, images, value, batch_size, device)
+    return _heatmaps(target, layer, images, value, batch_size, device, upsample)
 
 
 def neuron_heatmaps(target, layer: str, images: torch.Tensor, unit: int, *,
@@ -179,8 +184,6 @@ def _shapes_images_masks(dataset, n_images: int, preprocess: Callable) -> tuple[
 
 
 def _grounding_rows(images: torch.Tensor, masks: np.ndarray, heatmap_fn, concept_units: dict, quantile: float) -> pd.DataFrame:
-    from .shapes import CONCEPTS
-
     rows = []
     for concept, unit in concept_units.items():
         c = CONCEPTS.index(concept)
@@ -227,10 +230,21 @@ def sae_concept_grounding(target, layer: str, sae, feature_emb_fd: torch.Tensor,
     choice among features of similar cosine is noisy, while the set covers the object (see
     tests/test_grounding.py for the measured figures). dataset: a shapes.ShapesDataset; concepts:
     Shapes-world concept names (with ``concept_emb_cd`` (C, D)). Returns one row per concept:
-    concept, feature, iou_feature, features, iou_set, chance_iou, area, n_images.
+    concept, feature, iou_feature, auroc_feature, features, iou_set, auroc_set, chance_iou, area,
+    n_images. ``auroc_*`` asks *whether* rather than *where*: the AUROC, over all ``n_images``, of
+    the strongest location's code (max over tokens / positions) for the concept being in the image.
+    A feature with a high AUROC and a low IoU knows the image holds the concept but fires elsewhere
+    (a late ViT block spreads image-level facts over its tokens).
     """
     picked = localized_features(feature_emb_fd, concept_emb_cd, concepts, tau)
     images, masks = _shapes_images_masks(dataset, n_images, target.preprocess)
+    present = {c: masks[:, CONCEPTS.index(c)].any((1, 2)) for c in picked}
+
+    def presence_auroc(concept: str, features, weights=None) -> float:
+        if present[concept].all() or not present[concept].any():
+            return float("nan")
+        grid = feature_heatmaps(target, layer, sae, images, features, weights=weights, upsample=False)
+        return float(auroc(grid.reshape(grid.shape[0], -1).max(1), present[concept]))
 
     names = list(picked)  # _grounding_rows hands each concept's index to the heatmap functions
 
@@ -245,9 +259,11 @@ def sae_concept_grounding(target, layer: str, sae, feature_emb_fd: torch.Tensor,
     single = _grounding_rows(images, masks, top_feature, by_concept, quantile)
     sets = _grounding_rows(images, masks, top_set, by_concept, quantile)
     return pd.DataFrame({"concept": single["concept"], "feature": [picked[c][0][0] for c in single["concept"]],
-                         "iou_feature": single["iou"], "features": [_unit_label(picked[c][0]) for c in sets["concept"]],
-                         "iou_set": sets["iou"], "chance_iou": single["chance_iou"], "area": single["area"],
-                         "n_images": single["n_images"]})
+                         "iou_feature": single["iou"],
+                         "auroc_feature": [presence_auroc(c, picked[c][0][0]) for c in single["concept"]],
+                         "features": [_unit_label(picked[c][0]) for c in sets["concept"]],
+                         "iou_set": sets["iou"], "auroc_set": [presence_auroc(c, *picked[c]) for c in sets["concept"]],
+                         "chance_iou": single["chance_iou"], "area": single["area"], "n_images": single["n_images"]})
 
 
 def _unit_label(unit):

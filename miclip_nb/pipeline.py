@@ -43,7 +43,10 @@ METHODS: dict[str, str] = {
     "captum_conductance": bl.CAPTUM_METHODS["conductance"],
     "captum_ig": bl.CAPTUM_METHODS["integrated_gradients"],
     "captum_gxa": bl.CAPTUM_METHODS["grad_x_act"],
+    "ablation": bl.ABLATION,  # a causal reference (what zeroing each unit alone costs), not a method
 }
+#: Rows that are references, not methods: never marked best in a table.
+REFERENCE_ROWS: tuple[str, ...] = (RANDOM, bl.ABLATION)
 #: The methods that work on SAE features (the others need the model's own units).
 SAE_METHODS: tuple[str, ...] = ("miclip", "random", "act_values", "clip_dissect")
 UNIT_KINDS = ("neurons", "sae")
@@ -411,7 +414,7 @@ def baseline_scores(prep: Prepared, space: UnitSpace, methods: Sequence[str], se
         probe = _mask_probe(prep)
         rows = bl.probe_rows(len(probe), cfg.n_probe, seed)
         kwargs["mask_probe"] = probe if rows is None else bl.SubsetProbe(probe, rows)
-    if any(n in bl.CAPTUM_METHODS.values() for n in names):
+    if any(n in (*bl.CAPTUM_METHODS.values(), bl.ABLATION) for n in names):
         train = open_dataset(cfg.train_data)
         rows = bl.probe_rows(len(train), cfg.n_captum, seed)
         kwargs["captum_images"], kwargs["captum_labels"] = _load_images(prep.target, train, range(len(train)) if rows is None else rows.tolist())
@@ -588,13 +591,13 @@ def wide_table(table: pd.DataFrame) -> pd.DataFrame:
 def table_markdown(table: pd.DataFrame) -> str:
     """A Markdown table from :func:`summarize_table`: rows = methods, columns = interventions,
     cells 'mean (± std)'. Entries against the expected direction get :data:`WRONG_MARK` (the
-    paper's red), the best method per column (Random excluded; none when no method moves the
+    paper's red), the best method per column (Random and Ablation excluded; none when no method moves the
     expected way) is bold; a legend line follows."""
     table = table.assign(wrong=against_expected(table))
     interventions = list(dict.fromkeys(table["intervention"]))
     best = {}
     for i in interventions:
-        rows = table[(table["intervention"] == i) & (table["method"] != RANDOM)]
+        rows = table[(table["intervention"] == i) & ~table["method"].isin(REFERENCE_ROWS)]
         sign = expected_sign(i, rows["beta"].iloc[0] if "beta" in rows and len(rows) else None)
         if len(rows) and sign and (rows["delta_acc_mean"] * sign).max() > 0:  # no bold when nothing moves the right way
             best[i] = rows.loc[(rows["delta_acc_mean"] * sign).idxmax(), "method"]
@@ -649,12 +652,12 @@ def paper_table(tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataF
 
 def style_paper_table(tables: dict[str, pd.DataFrame], color: str = "#d62728"):
     """:func:`paper_table`'s cells as a pandas Styler: entries against the expected direction in
-    red (they also keep their text mark), the best method of each column (Random excluded) in
+    red (they also keep their text mark), the best method of each column (Random and Ablation excluded) in
     bold, with a fixed table id so that its HTML is the same on every run."""
     cells, wrong = paper_table(tables)
     css = wrong.map(lambda w: f"color: {color}" if w else "")
     for label, t in tables.items():
-        for interv, grp in t[t["method"] != RANDOM].groupby("intervention", sort=False):
+        for interv, grp in t[~t["method"].isin(REFERENCE_ROWS)].groupby("intervention", sort=False):
             sign = expected_sign(interv, grp["beta"].iloc[0] if "beta" in grp else None)
             if sign and (grp["delta_acc_mean"] * sign).max() > 0:
                 best = grp.loc[(grp["delta_acc_mean"] * sign).idxmax(), "method"]

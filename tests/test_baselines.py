@@ -353,6 +353,54 @@ def test_captum_on_tokens_sums_over_tokens():
 
 
 # ------------------------------------------------------------------------------------------
+# Ablation (the causal reference)
+
+
+class AblationPlant(nn.Sequential):
+    """CaptumPlant's weights as a chain that steer.tail_module can split after ``features``."""
+
+    def __init__(self):
+        plant = CaptumPlant()
+        super().__init__()
+        self.features = plant.features
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = plant.head
+        self.planted, self.loud = plant.planted, plant.loud
+
+
+def test_ablation_finds_the_units_the_logits_use_not_the_loud_one():
+    model = AblationPlant()
+    x, labels = _captum_inputs(model)
+    scores = bl.ablation_scores(model, "features", x, labels, n_classes=5, batch_size=7, device="cpu")
+    assert scores.shape == (5, 8)
+    assert scores[:4].argmax(1).tolist() == model.planted
+    assert scores[:4, model.loud].abs().max() < 1e-5  # a weight of 0: zeroing it changes nothing
+    assert torch.isnan(scores[4]).all()  # no image of class 4
+    # The score is the drop in mean log p(class) when the unit alone is zeroed: check one entry.
+    u, c = model.planted[1], 1
+    own = labels == c
+    edited = x.clone()
+    edited[:, u] = 0
+    with torch.no_grad():
+        drop = model(x[own]).log_softmax(1)[:, c].mean() - model(edited[own]).log_softmax(1)[:, c].mean()
+    assert torch.isclose(scores[c, u], drop, atol=1e-5)
+    out = bl.class_baseline_scores(model, "features", methods=[bl.ABLATION], n_classes=5, captum_images=x,
+                                   captum_labels=labels, device="cpu")
+    assert torch.equal(torch.nan_to_num(out[bl.ABLATION]), torch.nan_to_num(scores))
+    with pytest.raises(ValueError, match="captum_images"):
+        bl.class_baseline_scores(model, "features", methods=[bl.ABLATION])
+
+
+def test_ablation_needs_a_model_it_can_split():
+    from miclip_nb.steer import SplitError
+
+    model = CaptumPlant()  # its forward averages between features and head: no chain of children
+    x, labels = _captum_inputs(model, 8)
+    with pytest.raises(SplitError):
+        bl.ablation_scores(model, "features", x, labels, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------
 # Harness
 
 

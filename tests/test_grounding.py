@@ -142,7 +142,43 @@ def test_sae_concept_grounding_finds_colour_detectors():
     assert table["features"].tolist()[0].startswith("0,")
     assert (table["n_images"] > 5).all()
     assert (table["iou_feature"] > 2 * table["chance_iou"]).all() and (table["iou_set"] > 2 * table["chance_iou"]).all()
-    assert list(table.columns) == ["concept", "feature", "iou_feature", "features", "iou_set", "chance_iou", "area", "n_images"]
+    assert list(table.columns) == ["concept", "feature", "iou_feature", "auroc_feature", "features", "iou_set",
+                                   "auroc_set", "chance_iou", "area", "n_images"]
+    assert set(table.concept) <= set(COLORS)
+    # Whether, beside where: a colour-pixel detector fires on the images that show its colour.
+    assert (table["auroc_feature"] > 0.8).all() and (table["auroc_set"] > 0.8).all()
+
+
+def test_presence_auroc_separates_whether_from_where():
+    """A feature that fires at a fixed corner token whenever the image is red knows *whether* (AUROC
+    near 1) but not *where* (IoU near 0): the two columns tell such a feature apart."""
+    from types import SimpleNamespace
+
+    from miclip_nb.shapes import COLORS, ShapesDataset, to_tensor
+
+    class RedAnywhereCorner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Identity()
+
+        def forward(self, x):
+            red = ((x[:, 0] > 0.4) & (x[:, 1] < -0.4) & (x[:, 2] < -0.4)).float().mean((1, 2))
+            maps = torch.zeros(x.shape[0], 1, 8, 8)
+            maps[:, 0, 0, 0] = (red > 0.01).float() * 5.0
+            return self.features(maps)
+
+    target = SimpleNamespace(module=RedAnywhereCorner().eval(), preprocess=to_tensor)
+    sae = TopKSAE(1, SAEConfig(expansion=2, k=1))
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.W_enc[0, 0] = 1.0
+        sae.b_enc.zero_()
+    table = sae_concept_grounding(target, "features", sae, torch.tensor([[1.0], [0.0]]), torch.tensor([[1.0]]), ["red"],
+                                  ShapesDataset("test", 150), tau=1, n_images=150)
+    row = table.iloc[0]
+    assert row["feature"] == 0
+    assert row["auroc_feature"] > 0.8
+    assert row["iou_feature"] < row["chance_iou"]
     assert set(table.concept) <= set(COLORS)
 
 

@@ -18,9 +18,15 @@ N_BALANCED_IMAGES = 600
 # The recorded band is 80-95% on 2000 test images; 300 images carry about +-2.3% of binomial noise.
 ACCURACY_TOLERANCE = 0.05
 # Best-unit AUROC floors per concept kind at the penultimate layer (primary pooling). Texture meets
-# the 0.8 target; shape and colour do not (about 0.67-0.72 for the weakest concept, see the JSON
-# records), so these floors guard against regressions rather than state the target.
+# the 0.8 target there; shape and colour do not (about 0.67-0.72 for the weakest concept, see the
+# JSON records), so these floors guard against regressions rather than state the target.
 AUROC_FLOORS = {"texture": 0.8, "shape": 0.6, "color": 0.6}
+# The target of the issue: every concept has a unit somewhere in the model (any layer, any
+# pooling: toy_models.concept_detectors) that detects it at AUROC >= 0.8, on 2000 balanced images.
+DETECTOR_FLOOR = 0.8
+# A re-measure on N_BALANCED_IMAGES images picks the best of many units on fewer images: its
+# AUROCs scatter by about +-0.03 around the recorded ones.
+DETECTOR_TOLERANCE = 0.04
 PRIMARY_POOLING = {"toy_cnn": "spatial_mean", "toy_vit": "cls"}
 
 
@@ -78,6 +84,64 @@ def test_penultimate_units_detect_every_concept(name, balanced_batch):
     assert set(measured) == set(shapes.CONCEPTS)
     for concept, result in measured.items():
         assert result["auroc"] >= AUROC_FLOORS[shapes.CONCEPT_KIND[concept]] - 0.05, concept
+
+
+@pytest.mark.parametrize("name", tm.TOY_MODEL_NAMES)
+def test_every_concept_has_a_detector_unit(name, balanced_batch):
+    """Shape, colour and texture alike: the model has a unit that detects each of the 16 concepts at
+    AUROC >= 0.8 (recorded on 2000 balanced images), and the loaded weights still do (re-measured)."""
+    record = tm.read_toy_model_record(name)
+    recorded = record["metrics"]["detectors"]
+    assert set(recorded) == set(shapes.CONCEPTS)
+    for concept, detector in recorded.items():
+        assert detector["auroc"] >= DETECTOR_FLOOR, (concept, detector)
+    images, attributes = balanced_batch
+    model = tm.load_toy_model(name)
+    measured = tm.concept_detectors(model, images, attributes)
+    modules = dict(model.named_modules())
+    for concept, detector in measured.items():
+        assert detector["layer"] in modules
+        assert detector["auroc"] >= recorded[concept]["auroc"] - DETECTOR_TOLERANCE, (concept, detector)
+    assert all(not m._forward_hooks for m in modules.values())
+
+
+class _PlantedDetectors(torch.nn.Module):
+    """A fake CNN whose ``maps`` channel 3 is the image's red fraction at every location, and whose
+    ``head`` output 1 is minus it: concept_detectors must find the first, and not the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maps = torch.nn.Identity()
+        self.head = torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        red = ((x[:, 0] > 0.5) & (x[:, 1] < -0.5) & (x[:, 2] < -0.5)).float().mean((1, 2))
+        maps = self.maps(torch.cat([torch.rand(n, 3, 4, 4), red[:, None, None, None].expand(n, 1, 4, 4)], 1))
+        return self.head(torch.stack([maps.mean((1, 2, 3)), -red], 1))
+
+
+def test_concept_detectors_finds_a_planted_unit_and_removes_its_hooks():
+    images, attributes = shapes.render_batch(shapes.WorldConfig(), "balanced", range(240))
+    model = _PlantedDetectors()
+    detectors = tm.concept_detectors(model, images, attributes, batch_size=100)
+    assert detectors["red"]["layer"] == "maps" and detectors["red"]["unit"] == 3
+    assert detectors["red"]["auroc"] > 0.95
+    assert detectors["red"]["pooling"] in ("mean", "max")
+    assert set(detectors) == set(shapes.CONCEPTS)
+    assert not model.maps._forward_hooks and not model.head._forward_hooks
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(_module, _inputs, _output):
+        raise Boom
+
+    handle = model.head.register_forward_hook(explode)
+    with pytest.raises(Boom):
+        tm.concept_detectors(model, images[:10], attributes[:10])
+    handle.remove()
+    assert not model.maps._forward_hooks and not model.head._forward_hooks
 
 
 @pytest.mark.parametrize("name", tm.TOY_MODEL_NAMES)
@@ -180,7 +244,7 @@ def test_toy_preprocess_matches_to_tensor_and_resizes():
 def test_retraining_with_the_same_seed_reproduces_quality():
     """Retrains toy_cnn with the shipped seed and full budget (about 80 s on one idle CPU thread,
     3 min on busy shared cores); toy_vit's 6-12 min are left to the command line."""
-    _, metrics = tm.train_toy_model("toy_cnn", seed=0, progress=False)
+    _, metrics = tm.train_toy_model("toy_cnn", progress=False)
     record = tm.read_toy_model_record("toy_cnn")
     assert 0.80 <= metrics["test_accuracy"] <= 0.95
     # Same seed and one thread: the same weights up to kernel-level float differences across CPUs.
@@ -188,3 +252,4 @@ def test_retraining_with_the_same_seed_reproduces_quality():
     assert metrics["spurious_accuracy"] < metrics["test_accuracy"] - 0.15
     for kind, floor in AUROC_FLOORS.items():
         assert metrics["min_auroc"]["spatial_mean"][kind] >= floor
+    assert min(metrics["min_detector_auroc"].values()) >= DETECTOR_FLOOR - DETECTOR_TOLERANCE

@@ -150,6 +150,10 @@ def sae_features():
         The Shapes world knows every object's pixels. Threshold each heatmap at its 80th percentile
         (the top 20% of pixels) and compare with the object mask of the colour, on the test images
         that contain the colour. *Chance* is the IoU of 20% of the pixels chosen at random.
+
+        *Where* is not the only question: `auroc_*` asks *whether*. It ranks all 300 images by the
+        feature's strongest code anywhere in the image and scores how well that ranking separates the
+        images that show the colour from those that do not (0.5 = no idea, 1 = perfect).
         """),
         code("""
         if PROFILE == "toy":
@@ -161,9 +165,13 @@ def sae_features():
                   f"chance {table.chance_iou.mean():.3f}")
         """),
         md("""
-        One feature often fires on one or two tokens of the object (an edge, a corner), and the top
-        feature is chosen among several of similar cosine, so single-feature IoU varies from colour to
-        colour and from SAE seed to SAE seed. The top-5 set covers the object and is stable.
+        Read the two columns together. A top feature with a high `auroc_feature` but an IoU near chance
+        *knows that the image holds the colour* and fires somewhere else: by block 4 of 6, attention has
+        spread image-level facts over the patch tokens, and the SAE has features for them. A top
+        feature low on both is simply a poor pick: on this small SAE, MiClip's single best feature is
+        an unreliable reading (compare the colours above, and the SAE seeds in `tests/test_sae.py`).
+        The top-5 set mixes such features with ones that sit on the object, and its map covers the
+        object at several times chance for every colour.
 
         ## 6 · Remove a class's top-5 features
         Each class's five features closest to its name are set to zero at every token (the
@@ -208,6 +216,9 @@ def sae_features():
            removal gap to random change? Does grounding?
         3. Ground a *shape* ("star", "cross") instead of a colour: pass `concept_emb[6:]`, `concepts[6:]`
            to `sae_concept_grounding`. Which is easier for this ViT at `blocks.4`, and why might that be?
+        4. Train the SAE on `blocks.1` instead of `blocks.4`. Do the top features' `auroc_feature` and
+           `iou_feature` move together more closely in an early block? What does that say about where
+           a ViT keeps *where*?
         """),
     ]
 
