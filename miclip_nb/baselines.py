@@ -714,7 +714,10 @@ def ablation_scores(model: nn.Module, layer: str, images: torch.Tensor, labels, 
                 x = x.clone()
                 x.select(dim, edited_unit).zero_()
             y = labels[start : start + batch_size]
-            logp = tail(x).float().log_softmax(-1).cpu().gather(1, y[:, None])[:, 0]
+            # as steer.cached_class_deltas: the cache holds bf16 outputs on CUDA, so the tail runs under autocast
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                logits = tail(x)
+            logp = logits.float().log_softmax(-1).cpu().gather(1, y[:, None])[:, 0]
             total.index_add_(0, y, logp.double())
         return total
 

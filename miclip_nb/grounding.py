@@ -7,9 +7,11 @@ boolean mask (on the Shapes world, the object mask of a colour or shape concept 
 ``Sample.concept_masks()``); :func:`chance_iou` is what a random selection of as many pixels scores.
 
 :func:`sae_concept_grounding` reads a concept two ways: its top MiClip feature alone, and its
-top-tau features with their cosines as weights. On the toy ViT the set is the reliable reading:
-single features fire on one or two tokens of an object, and which of several features of similar
-cosine comes first varies between SAE seeds (figures in tests/test_sae.py).
+top-tau features with their cosines as weights, and asks both *where* (IoU with the masks) and
+*whether* (AUROC of the feature's strongest location for the concept being in the image). On the
+toy ViT the set is the reliable reading: which of several features of similar cosine comes first
+varies between SAE seeds, and some top features know that the image holds the concept but fire
+elsewhere (figures in tests/test_sae.py).
 """
 
 from __future__ import annotations
@@ -226,9 +228,9 @@ def sae_concept_grounding(target, layer: str, sae, feature_emb_fd: torch.Tensor,
 
     Two readings per concept: the heatmap of its top feature alone, and the heatmap of its
     top-``tau`` set (codes summed, weighted by cosine; :func:`feature_heatmaps`). On the toy ViT
-    single features fire on one or two tokens of an object (its edge, a corner) and the top-1
-    choice among features of similar cosine is noisy, while the set covers the object (see
-    tests/test_grounding.py for the measured figures). dataset: a shapes.ShapesDataset; concepts:
+    the top-1 choice among features of similar cosine is noisy, and some top features fire away
+    from the object, while the set covers it (see tests/test_sae.py for the measured figures).
+    dataset: a shapes.ShapesDataset; concepts:
     Shapes-world concept names (with ``concept_emb_cd`` (C, D)). Returns one row per concept:
     concept, feature, iou_feature, auroc_feature, features, iou_set, auroc_set, chance_iou, area,
     n_images. ``auroc_*`` asks *whether* rather than *where*: the AUROC, over all ``n_images``, of
@@ -239,30 +241,35 @@ def sae_concept_grounding(target, layer: str, sae, feature_emb_fd: torch.Tensor,
     picked = localized_features(feature_emb_fd, concept_emb_cd, concepts, tau)
     images, masks = _shapes_images_masks(dataset, n_images, target.preprocess)
     present = {c: masks[:, CONCEPTS.index(c)].any((1, 2)) for c in picked}
+    # One pass over all images per concept and reading, at the layer's grid: its maximum gives the
+    # AUROC, its upsampled rows for the images that show the concept give the IoU.
+    grids = {c: (feature_heatmaps(target, layer, sae, images, units[0], upsample=False),
+                 feature_heatmaps(target, layer, sae, images, units, weights=cosines, upsample=False))
+             for c, (units, cosines) in picked.items()}
 
-    def presence_auroc(concept: str, features, weights=None) -> float:
+    def presence_auroc(concept: str, reading: int) -> float:
         if present[concept].all() or not present[concept].any():
             return float("nan")
-        grid = feature_heatmaps(target, layer, sae, images, features, weights=weights, upsample=False)
+        grid = grids[concept][reading]
         return float(auroc(grid.reshape(grid.shape[0], -1).max(1), present[concept]))
 
     names = list(picked)  # _grounding_rows hands each concept's index to the heatmap functions
 
-    def top_feature(x: torch.Tensor, i: int) -> np.ndarray:
-        return feature_heatmaps(target, layer, sae, x, picked[names[i]][0][0])
+    def upsampled(reading: int):
+        def heatmap(x: torch.Tensor, i: int) -> np.ndarray:  # x: the images that show concept i
+            grid = torch.as_tensor(grids[names[i]][reading][present[names[i]]])
+            up = F.interpolate(grid[:, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+            return up[:, 0].numpy()
 
-    def top_set(x: torch.Tensor, i: int) -> np.ndarray:
-        units, cosines = picked[names[i]]
-        return feature_heatmaps(target, layer, sae, x, units, weights=cosines)
+        return heatmap
 
     by_concept = {c: i for i, c in enumerate(names)}
-    single = _grounding_rows(images, masks, top_feature, by_concept, quantile)
-    sets = _grounding_rows(images, masks, top_set, by_concept, quantile)
+    single = _grounding_rows(images, masks, upsampled(0), by_concept, quantile)
+    sets = _grounding_rows(images, masks, upsampled(1), by_concept, quantile)
     return pd.DataFrame({"concept": single["concept"], "feature": [picked[c][0][0] for c in single["concept"]],
-                         "iou_feature": single["iou"],
-                         "auroc_feature": [presence_auroc(c, picked[c][0][0]) for c in single["concept"]],
+                         "iou_feature": single["iou"], "auroc_feature": [presence_auroc(c, 0) for c in single["concept"]],
                          "features": [_unit_label(picked[c][0]) for c in sets["concept"]],
-                         "iou_set": sets["iou"], "auroc_set": [presence_auroc(c, *picked[c]) for c in sets["concept"]],
+                         "iou_set": sets["iou"], "auroc_set": [presence_auroc(c, 1) for c in sets["concept"]],
                          "chance_iou": single["chance_iou"], "area": single["area"], "n_images": single["n_images"]})
 
 

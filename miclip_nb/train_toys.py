@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     seed = [] if args.seed is None else ["--seed", str(args.seed)]
     toy_models.main(["--models", "toy_cnn", "toy_vit", *seed, "--device", args.device, *threads])
     clip_threads = [] if args.threads is None else ["--threads", str(args.threads)]
-    toyclip.main([*(seed or ["--seed", "0"]), "--device", args.device, *clip_threads])
+    toyclip.main([*seed, "--device", args.device, *clip_threads])
 
 
 if __name__ == "__main__":
