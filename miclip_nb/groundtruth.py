@@ -9,8 +9,9 @@ as a shape unit through the training split's correlations).
 How each method picks units for a concept (all on a *probing* part of the balanced split, the
 AUROC on a disjoint *evaluation* part):
 
-- **MiClip**: cosine similarity of the unit embeddings to the concept's ToyCLIP text embedding
-  (interpret.encode_concepts; prompts "a star", "red", "dots").
+- **MiClip**: the posterior of the concept's ToyCLIP text embedding against the 16 concepts for
+  each unit embedding (interpret.concept_unit_scores; prompts "a star", "red", "dots");
+  **MiClip (cosine)**: the paper's plain cosine similarity, same unit embeddings.
 - **Act-Values**: mean activation over the probing images that have the attribute.
 - **NetDissect**: IoU of the thresholded activation maps with the concept's masks.
 - **CLIP-Dissect**: soft-WPMI with the concept's text embedding.
@@ -41,10 +42,12 @@ from .metrics import auroc, best_unit_auroc
 from .shapes import COLORS, CONCEPT_KIND, CONCEPTS, SHAPES
 
 MICLIP = "MiClip"
+MICLIP_COSINE = "MiClip (cosine)"
 RANDOM = "Random"
 BEST_UNIT = "Best unit (oracle)"
 #: Methods the benchmark knows, in table order.
-METHODS: tuple[str, ...] = (MICLIP, *bl.BASELINES)
+METHODS: tuple[str, ...] = (MICLIP, MICLIP_COSINE, *bl.BASELINES)
+_MICLIPS = (MICLIP, MICLIP_COSINE)
 
 
 def concept_presence(attributes_n3) -> torch.Tensor:
@@ -149,13 +152,14 @@ def _probe_images(probe: bl.ShapesMaskProbe, indices) -> torch.Tensor:
 
 def concept_scores(
     model: nn.Module, layer: str, probe: bl.ShapesMaskProbe, *, methods: Sequence[str] = METHODS, backend=None,
-    unit_emb_ud: torch.Tensor | None = None, pooling: str = "mean", n_captum_per_class: int = 50,
+    unit_emb_ud: torch.Tensor | None = None, temperature: float = 0.07, pooling: str = "mean", n_captum_per_class: int = 50,
     captum_steps: int = 16, wpmi: bl.SoftWPMIConfig = bl.SoftWPMIConfig(), batch_size: int = 64, device=None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """(16, U) concept scores of each method on a Shapes probing set (see the module docstring).
 
-    MiClip needs ``unit_emb_ud`` (interpret.unit_embeddings) and ``backend`` (ToyCLIP);
+    MiClip needs ``unit_emb_ud`` (interpret.unit_embeddings), ``backend`` (ToyCLIP) and
+    ``temperature`` (the encoder's interpret.concept_temperature);
     CLIP-Dissect needs ``backend``. Captum uses the first ``n_captum_per_class`` probe images of
     each shape (target = the shape) and fills only the shape rows. Methods whose inputs are
     missing raise ValueError.
@@ -171,18 +175,19 @@ def concept_scores(
         acts = torch.cat([bl.pooled_activations(model, layer, _probe_images(probe, r), pooling, batch_size, device)
                           for r in bl._batches(len(probe), 512)])
     concept_emb = None
-    if MICLIP in methods or bl.CLIP_DISSECT in methods:
+    if any(m in methods for m in (*_MICLIPS, bl.CLIP_DISSECT)):
         if backend is None:
             raise ValueError("MiClip and CLIP-Dissect need a CLIP backend (e.g. load_clip('toyclip'))")
-        from .interpret import encode_concepts
+        from .interpret import concept_unit_scores, encode_concepts
 
         concept_emb = encode_concepts(backend, list(CONCEPTS))
     out: dict[str, torch.Tensor] = {}
     for m in methods:
-        if m == MICLIP:
+        if m in _MICLIPS:
             if unit_emb_ud is None:
                 raise ValueError("MiClip needs unit_emb_ud (interpret.unit_embeddings of a trained encoder)")
-            out[m] = concept_emb.float() @ unit_emb_ud.float().T
+            out[m] = concept_unit_scores(unit_emb_ud, concept_emb, "posterior" if m == MICLIP else "cosine",
+                                         temperature=temperature)
         elif m == bl.ACT_VALUES:
             out[m] = bl.act_values_scores(acts, presence)
         elif m == bl.CLIP_DISSECT:
@@ -203,7 +208,7 @@ def concept_scores(
 
 
 def groundtruth_benchmark(
-    model: nn.Module, layer: str, *, backend=None, unit_emb_ud: torch.Tensor | None = None,
+    model: nn.Module, layer: str, *, backend=None, unit_emb_ud: torch.Tensor | None = None, temperature: float = 0.07,
     methods: Sequence[str] | None = None, n_probe: int = 2000, n_eval: int = 2000, tau: int = 5,
     pooling: str = "mean", n_random: int = 20, standardize: bool = True, cfg=None, split: str = "balanced",
     n_captum_per_class: int = 50, captum_steps: int = 16, batch_size: int = 64, device=None, progress: bool = False,
@@ -212,14 +217,16 @@ def groundtruth_benchmark(
 
     Probing images: ``split`` indices 0..n_probe-1; evaluation images: n_probe..n_probe+n_eval-1
     (disjoint). ``methods`` default: every method whose inputs are given (MiClip only with
-    ``unit_emb_ud`` and ``backend``, CLIP-Dissect only with ``backend``). Returns the tidy
+    ``unit_emb_ud`` and ``backend``, CLIP-Dissect only with ``backend``; ``temperature``: the
+    encoder's interpret.concept_temperature, for MiClip's posterior). Returns the tidy
     DataFrame of :func:`topunit_aurocs` (method, concept, kind, auroc, units).
     """
     if methods is None:
-        methods = [m for m in METHODS if (m != MICLIP or (unit_emb_ud is not None and backend is not None))
+        methods = [m for m in METHODS if (m not in _MICLIPS or (unit_emb_ud is not None and backend is not None))
                    and (m != bl.CLIP_DISSECT or backend is not None)]
     probe = bl.ShapesMaskProbe(split, n_probe, cfg=cfg)
-    scores = concept_scores(model, layer, probe, methods=methods, backend=backend, unit_emb_ud=unit_emb_ud, pooling=pooling,
+    scores = concept_scores(model, layer, probe, methods=methods, backend=backend, unit_emb_ud=unit_emb_ud,
+                            temperature=temperature, pooling=pooling,
                             n_captum_per_class=n_captum_per_class, captum_steps=captum_steps, batch_size=batch_size,
                             device=device, progress=progress)
     eval_probe = bl.ShapesMaskProbe(split, n_eval, start=n_probe, cfg=cfg)
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    from .interpret import unit_embeddings
+    from .interpret import concept_temperature, unit_embeddings
     from .pipeline import (PipelineConfig, fit_alignment, intervention_table, load_eval_images, prepare,
                            summarize_table, table_markdown)
     from .datasets import open_dataset
@@ -267,15 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     encoders = [fit_alignment(prep.store, prep.class_text_emb_cd, layer=prep.layer, config=config.align, seed=s, progress=True)
                 for s in config.seeds]
     unit_embs = [unit_embeddings(e) for e in encoders]
+    temps = [concept_temperature(e) for e in encoders]
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     frames = []
     for i, ue in enumerate(unit_embs):
-        df = groundtruth_benchmark(prep.target.module, prep.layer, backend=prep.backend, unit_emb_ud=ue,
-                                   methods=[MICLIP] if i else None, n_probe=args.n_probe, n_eval=args.n_eval,
+        df = groundtruth_benchmark(prep.target.module, prep.layer, backend=prep.backend, unit_emb_ud=ue, temperature=temps[i],
+                                   methods=list(_MICLIPS) if i else None, n_probe=args.n_probe, n_eval=args.n_eval,
                                    n_random=args.n_random, captum_steps=args.captum_steps, progress=True)
         df["seed"] = config.seeds[i]
-        frames.append(df if i == 0 else df[df["method"] == MICLIP])
+        frames.append(df if i == 0 else df[df["method"].isin(_MICLIPS)])
     gt = pd.concat(frames, ignore_index=True)
     gt.to_csv(args.out_dir / f"groundtruth_{args.model}.csv", index=False)
     (args.out_dir / f"groundtruth_{args.model}.md").write_text(
@@ -293,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             n_steps=args.captum_steps, progress=True)
         images, labels = load_eval_images(prep.target, open_dataset(f"shapes:test:{args.n_test}"))
         n_units = prep.store.fields[f"acts/{prep.layer}"][0]
-        selectors = {MICLIP: [MiClipSelector(ue, prep.class_text_emb_cd) for ue in unit_embs], **bl.score_selectors(scores),
+        selectors = {MICLIP: [MiClipSelector(ue, prep.class_text_emb_cd, temperature=t) for ue, t in zip(unit_embs, temps)],
+                     MICLIP_COSINE: [MiClipSelector(ue, prep.class_text_emb_cd, MICLIP_COSINE, "cosine") for ue in unit_embs],
+                     **bl.score_selectors(scores),
                      RANDOM: [RandomSelector(n_units, s) for s in range(args.n_random)]}
         long = intervention_table(prep.target, images, labels, prep.layer, selectors, progress=True)
         table = summarize_table(long)

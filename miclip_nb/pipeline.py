@@ -23,7 +23,8 @@ from ._paths import cache_dir
 from .align import AlignConfig, NeuronEncoder, load_encoder, save_encoder, train_encoder
 from .datasets import open_dataset
 from .embed import EmbeddingBackend, build_concept_bank, load_clip
-from .interpret import concept_set, default_templates, encode_concepts, shapes_concept_prompts, unit_embeddings
+from .interpret import (DEFAULT_TEMPERATURE, concept_set, concept_temperature, default_templates, encode_concepts,
+                        shapes_concept_prompts, unit_embeddings)
 from .sae import SAEConfig
 from .select import MiClipSelector, RandomSelector, UnitSelector, selection
 from .steer import PAPER_BETAS, SplitError, cache_layer_outputs, cached_class_deltas, class_deltas, summarize
@@ -32,10 +33,12 @@ from .zoo import TargetModel, load_target
 from ._progress import bars_off
 
 MICLIP = "MiClip"
+MICLIP_COSINE = "MiClip (cosine)"
 RANDOM = "Random"
 #: Config names of the unit-selection methods -> their names in the tables.
 METHODS: dict[str, str] = {
-    "miclip": MICLIP,
+    "miclip": MICLIP,  # posterior scoring against the classes (interpret module docstring)
+    "miclip_cosine": MICLIP_COSINE,  # the paper's plain-cosine localization, same encoders
     "random": RANDOM,
     "act_values": bl.ACT_VALUES,
     "netdissect": bl.NETDISSECT,
@@ -48,7 +51,7 @@ METHODS: dict[str, str] = {
 #: Rows that are references, not methods: never marked best in a table.
 REFERENCE_ROWS: tuple[str, ...] = (RANDOM, bl.ABLATION)
 #: The methods that work on SAE features (the others need the model's own units).
-SAE_METHODS: tuple[str, ...] = ("miclip", "random", "act_values", "clip_dissect")
+SAE_METHODS: tuple[str, ...] = ("miclip", "miclip_cosine", "random", "act_values", "clip_dissect")
 UNIT_KINDS = ("neurons", "sae")
 
 
@@ -360,16 +363,21 @@ def unit_space(prep: Prepared, progress: bool = True) -> UnitSpace:
     return sae_space(prep, progress) if prep.config.units == "sae" else neuron_space(prep)
 
 
-def miclip_unit_embeddings(prep: Prepared, space: UnitSpace, progress: bool = True) -> list[torch.Tensor]:
-    """One (U, D) unit-embedding matrix per seed of ``prep.config.seeds`` (encoders cached). For
-    SAE features, features firing on fewer than ``config.sae_min_freq`` of the images get zero
-    rows (sae.drop_rare_units), so localization never picks them."""
+def miclip_encoders(prep: Prepared, space: UnitSpace, progress: bool = True) -> list[NeuronEncoder]:
+    """One trained encoder per seed of ``prep.config.seeds`` (cached, :func:`fit_alignment`)."""
     cfg = prep.config
-    out = []
-    for seed in cfg.seeds:
-        encoder = fit_alignment(space.store, prep.class_text_emb_cd, layer=space.store_layer, config=cfg.align, seed=seed,
-                                device=cfg.device, progress=progress)
-        out.append(unit_embeddings(encoder))
+    return [fit_alignment(space.store, prep.class_text_emb_cd, layer=space.store_layer, config=cfg.align, seed=seed,
+                          device=cfg.device, progress=progress) for seed in cfg.seeds]
+
+
+def miclip_unit_embeddings(prep: Prepared, space: UnitSpace, progress: bool = True,
+                           encoders: Sequence[NeuronEncoder] | None = None) -> list[torch.Tensor]:
+    """One (U, D) unit-embedding matrix per seed of ``prep.config.seeds`` (``encoders``, default
+    :func:`miclip_encoders`). For SAE features, features firing on fewer than
+    ``config.sae_min_freq`` of the images get zero rows (sae.drop_rare_units), so localization
+    never picks them."""
+    cfg = prep.config
+    out = [unit_embeddings(e) for e in (encoders if encoders is not None else miclip_encoders(prep, space, progress))]
     if space.kind == "sae":
         from .sae import drop_rare_units, feature_frequency
 
@@ -425,20 +433,27 @@ def baseline_scores(prep: Prepared, space: UnitSpace, methods: Sequence[str], se
 
 
 def method_selectors(prep: Prepared, space: UnitSpace, unit_embs: Sequence[torch.Tensor] | None = None,
-                     progress: bool = False) -> dict[str, list[UnitSelector]]:
+                     progress: bool = False, temperatures: Sequence[float] | None = None) -> dict[str, list[UnitSelector]]:
     """The table's rows: ``{table name: [one selector per seed or draw]}`` for ``config.methods``,
-    in that order. MiClip: one selector per unit-embedding matrix (``unit_embs``, one per seed);
+    in that order. MiClip: one selector per unit-embedding matrix (``unit_embs``, one per seed;
+    ``temperatures``: each encoder's interpret.concept_temperature, default
+    interpret.DEFAULT_TEMPERATURE);
     Random: ``config.n_random`` draws; each baseline: one per seed (:func:`baseline_scores`).
-    Raises ValueError when MiClip is asked for without ``unit_embs``."""
+    Raises ValueError when MiClip is asked for without ``unit_embs``, or with a number of
+    temperatures other than that of unit-embedding matrices."""
     cfg = prep.config
-    base = [m for m in cfg.methods if m not in ("miclip", "random")]
+    base = [m for m in cfg.methods if m not in ("miclip", "miclip_cosine", "random")]
     per_seed = bl.score_selectors([baseline_scores(prep, space, base, seed, progress) for seed in cfg.seeds]) if base else {}
     out: dict[str, list[UnitSelector]] = {}
     for m in cfg.methods:
-        if m == "miclip":
+        if m in ("miclip", "miclip_cosine"):
             if unit_embs is None:
                 raise ValueError("MiClip needs unit_embs (miclip_unit_embeddings)")
-            out[MICLIP] = [MiClipSelector(u, prep.class_text_emb_cd) for u in unit_embs]
+            scoring = "posterior" if m == "miclip" else "cosine"
+            temps = list(temperatures) if temperatures is not None else [DEFAULT_TEMPERATURE] * len(unit_embs)
+            if len(temps) != len(unit_embs):
+                raise ValueError(f"{len(temps)} temperatures for {len(unit_embs)} unit-embedding matrices")
+            out[METHODS[m]] = [MiClipSelector(u, prep.class_text_emb_cd, METHODS[m], scoring, t) for u, t in zip(unit_embs, temps)]
         elif m == "random":
             out[RANDOM] = [RandomSelector(space.n_units, s) for s in range(cfg.n_random)]
         else:
@@ -452,6 +467,7 @@ class DeltaResult:
 
     long / table: :func:`intervention_table` and :func:`summarize_table` outputs; selectors: the
     rows' selectors; unit_embs: MiClip's (U, D) unit embeddings per seed (None without MiClip);
+    temperatures: their encoders' learned concept temperatures (interpret.concept_temperature);
     images (N, 3, H, W) / labels (N,): the evaluation set; cache: the evaluated edits.
     """
 
@@ -464,6 +480,7 @@ class DeltaResult:
     long: pd.DataFrame
     table: pd.DataFrame
     cache: dict
+    temperatures: list[float] | None = None
 
 
 def delta_accuracy(config: PipelineConfig, prep: Prepared | None = None, progress: bool = True,
@@ -484,12 +501,16 @@ def delta_accuracy(config: PipelineConfig, prep: Prepared | None = None, progres
         prep = Prepared(config, prep.target, prep.backend, prep.store, prep.layer, prep.class_text_emb_cd)
     space = unit_space(prep, progress)
     images, labels = eval_set if eval_set is not None else load_eval_images(prep.target, open_dataset(config.eval_data), config.n_eval)
-    unit_embs = miclip_unit_embeddings(prep, space, progress) if "miclip" in config.methods else None
-    selectors = method_selectors(prep, space, unit_embs, progress)
+    unit_embs = temperatures = None
+    if any(m in config.methods for m in ("miclip", "miclip_cosine")):
+        encoders = miclip_encoders(prep, space, progress)
+        unit_embs = miclip_unit_embeddings(prep, space, progress, encoders)
+        temperatures = [concept_temperature(e) for e in encoders]
+    selectors = method_selectors(prep, space, unit_embs, progress, temperatures)
     cache: dict = {}
     long = intervention_table(prep.target, images, labels, prep.layer, selectors, tau=config.tau,
                               edit_factory=space.edit_factory, n_other=config.n_other, cache=cache, progress=progress)
-    return DeltaResult(prep, space, selectors, unit_embs, images, labels, long, summarize_table(long), cache)
+    return DeltaResult(prep, space, selectors, unit_embs, images, labels, long, summarize_table(long), cache, temperatures)
 
 
 def beta_sweep_table(result: DeltaResult, betas: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), *,
@@ -509,7 +530,7 @@ def run(config: PipelineConfig, progress: bool = True) -> dict[str, Path]:
     """The headless pipeline: capture, align (per seed), localize, describe, and the delta-accuracy
     table of every method in ``config.methods`` on ``config.units`` (neurons or SAE features).
 
-    Writes to ``config.out_dir``: ``localization.csv`` (class, seed, rank, unit, score) and
+    Writes to ``config.out_dir``: ``localization.csv`` (class, seed, rank, unit, scoring, score, cosine) and
     ``descriptions.csv`` (seed, unit, rank, concept, score) when MiClip is among the methods,
     ``delta_accuracy_long.csv`` (one row per method, intervention and seed), ``delta_accuracy.csv``
     (the table: one row per method, mean/std/wrong-direction flag per intervention),
@@ -525,13 +546,15 @@ def run(config: PipelineConfig, progress: bool = True) -> dict[str, Path]:
     if res.unit_embs is not None:
         vocab = concept_set(config.concepts)
         vocab_emb = encode_concepts(prep.backend, vocab)
-        for seed, unit_emb in zip(config.seeds, res.unit_embs):
-            sel = MiClipSelector(unit_emb, prep.class_text_emb_cd)
+        for seed, unit_emb, temperature in zip(config.seeds, res.unit_embs, res.temperatures):
+            sel = MiClipSelector(unit_emb, prep.class_text_emb_cd, scoring="posterior" if "miclip" in config.methods else "cosine",
+                                 temperature=temperature)
             for c in classes:
                 units = sel.select(c, config.tau)
-                scores = unit_emb[units] @ prep.class_text_emb_cd[c]
-                for rank, (u, s) in enumerate(zip(units.tolist(), scores.tolist())):
-                    loc_rows.append({"class": prep.target.class_names[c], "seed": seed, "rank": rank, "unit": u, "score": s})
+                cosines = unit_emb[units] @ torch.nn.functional.normalize(prep.class_text_emb_cd[c].float(), dim=-1)
+                for rank, (u, s, cos) in enumerate(zip(units.tolist(), sel.scores_cu[c, units].tolist(), cosines.tolist())):
+                    loc_rows.append({"class": prep.target.class_names[c], "seed": seed, "rank": rank, "unit": u,
+                                     "scoring": sel.scoring, "score": s, "cosine": cos})
                     top = torch.topk(vocab_emb @ unit_emb[u], min(3, len(vocab)))
                     for r2, (ci, cs) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
                         desc_rows.append({"seed": seed, "unit": u, "rank": r2, "concept": vocab[ci], "score": cs})

@@ -12,7 +12,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-from .interpret import localize, top_k
+from .interpret import DEFAULT_TEMPERATURE, concept_unit_scores, top_k
 
 
 @runtime_checkable
@@ -37,20 +37,28 @@ class ScoreSelector:
 
 
 class MiClipSelector:
-    """MiClip localization: units whose embeddings are closest to each concept's text embedding.
+    """MiClip localization: the units that fit each concept best in CLIP space.
 
     unit_emb_ud: (U, D) from interpret.unit_embeddings; concept_emb_cd: (C, D) text embeddings.
+    scoring: "posterior" (default: log p(concept | unit) against the C concepts at
+    ``temperature``, the encoder's interpret.concept_temperature) or "cosine" (the paper's plain
+    cosine); see :mod:`miclip_nb.interpret`. Raises ValueError for mismatched sizes or an unknown
+    scoring.
     """
 
     name = "MiClip"
 
-    def __init__(self, unit_emb_ud: torch.Tensor, concept_emb_cd: torch.Tensor, name: str = "MiClip"):
+    def __init__(self, unit_emb_ud: torch.Tensor, concept_emb_cd: torch.Tensor, name: str = "MiClip",
+                 scoring: str = "posterior", temperature: float = DEFAULT_TEMPERATURE):
         if unit_emb_ud.shape[1] != concept_emb_cd.shape[1]:
             raise ValueError("unit and concept embeddings have different sizes")
-        self.unit_emb_ud, self.concept_emb_cd, self.name = unit_emb_ud, concept_emb_cd, name
+        self.unit_emb_ud, self.concept_emb_cd, self.name, self.scoring = unit_emb_ud, concept_emb_cd, name, scoring
+        self.temperature = temperature
+        self.scores_cu = concept_unit_scores(unit_emb_ud, concept_emb_cd, scoring, temperature=temperature)
 
     def select(self, concept: int, tau: int) -> torch.Tensor:
-        return localize(self.unit_emb_ud, self.concept_emb_cd[concept], tau)[0]
+        """Indices (tau,) of the best-scoring units for concept index ``concept``."""
+        return top_k(self.scores_cu[concept], tau, "units")[0]
 
 
 class RandomSelector:

@@ -16,7 +16,7 @@ import torch
 
 from . import viz
 from .capture import capture
-from .interpret import describe, encode_concepts, localize
+from .interpret import DEFAULT_TEMPERATURE, SCORINGS, describe, encode_concepts, localize
 
 
 @dataclass
@@ -32,6 +32,7 @@ class ExplorerState:
     layer: str  # the layer the units live in
     unit_label: str = "unit"  # "neuron", "SAE feature", ... for titles
     encode_text: object = None  # optional callable str -> (D,); default backend.encode_texts
+    temperature: float = DEFAULT_TEMPERATURE  # the encoder's concept temperature (interpret.concept_temperature)
 
     @property
     def n_units(self) -> int:
@@ -39,9 +40,11 @@ class ExplorerState:
 
 
 def build_explorer(target, backend, unit_emb_ud, vocab, vocab_emb_cd, dataset, layer: str, n_probe: int = 512,
-                   pooling: str = "mean", unit_label: str = "neuron", batch_size: int = 128) -> ExplorerState:
+                   pooling: str = "mean", unit_label: str = "neuron", batch_size: int = 128,
+                   temperature: float = DEFAULT_TEMPERATURE) -> ExplorerState:
     """Capture pooled activations of the first ``n_probe`` images of ``dataset`` (yielding PIL
-    images) at ``layer`` and bundle everything the panels need."""
+    images) at ``layer`` and bundle everything the panels need. temperature: the encoder's
+    interpret.concept_temperature, for ranking by posterior."""
     n = min(n_probe, len(dataset))
     pil = [dataset[i][0] for i in range(n)]
     acts = []
@@ -49,11 +52,16 @@ def build_explorer(target, backend, unit_emb_ud, vocab, vocab_emb_cd, dataset, l
         x = torch.stack([target.preprocess(img) for img in pil[start : start + batch_size]])
         acts.append(capture(target.module, x, layer, pooling)[layer])
     images = np.stack([np.asarray(img.convert("RGB").resize((64, 64))) for img in pil])
-    return ExplorerState(unit_emb_ud, backend, list(vocab), vocab_emb_cd, torch.cat(acts), images, layer, unit_label)
+    return ExplorerState(unit_emb_ud, backend, list(vocab), vocab_emb_cd, torch.cat(acts), images, layer, unit_label,
+                         temperature=temperature)
 
 
-def search_concept(state: ExplorerState, text: str, tau: int) -> list[tuple[int, float]]:
-    """[(unit, cosine)] of the top ``tau`` units for free text. Raises ValueError for empty text."""
+def search_concept(state: ExplorerState, text: str, tau: int, scoring: str = "posterior") -> list[tuple[int, float]]:
+    """[(unit, score)] of the top ``tau`` units for free text, best first.
+
+    scoring: "posterior" (log p(text | unit) against the explorer's vocabulary,
+    interpret.localize with ``reference_kd``) or "cosine" (the paper's plain cosine). Raises
+    ValueError for empty text or an unknown scoring."""
     text = (text or "").strip()
     if not text:
         raise ValueError("type a concept first")
@@ -61,7 +69,10 @@ def search_concept(state: ExplorerState, text: str, tau: int) -> list[tuple[int,
         emb = state.encode_text(text)
     else:
         emb = encode_concepts(state.backend, [text])[0]
-    units, scores = localize(state.unit_emb_ud, emb, tau)
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    units, scores = localize(state.unit_emb_ud, emb, tau, state.vocab_emb_cd if scoring == "posterior" else None,
+                             state.temperature)
     return list(zip(units.tolist(), scores.tolist()))
 
 
@@ -91,6 +102,7 @@ def concept_search_panel(state: ExplorerState, tau: int = 5, k_images: int = 6) 
     """Type a concept -> its top units with scores and each unit's top-activating images."""
     concept = W.Text(value="", placeholder="a concept, e.g. red", description="concept")
     tau_slider = W.IntSlider(value=tau, min=1, max=min(20, state.n_units), description="top units")
+    scoring = W.Dropdown(options=[("posterior", "posterior"), ("cosine", "cosine")], value="posterior", description="rank by")
     search = W.Button(description="Search", button_style="primary")
     status = W.HTML()
     table = W.HTML()
@@ -98,20 +110,21 @@ def concept_search_panel(state: ExplorerState, tau: int = 5, k_images: int = 6) 
 
     def run(_=None):
         try:
-            hits = search_concept(state, concept.value, tau_slider.value)
+            hits = search_concept(state, concept.value, tau_slider.value, scoring.value)
         except ValueError as err:
             status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
             return
         status.value = f"top {len(hits)} {state.unit_label}s at <code>{html.escape(state.layer)}</code> for “{html.escape(concept.value.strip())}”"
-        table.value = _table([(u, s) for u, s in hits], (state.unit_label, "cosine"))
+        table.value = _table([(u, s) for u, s in hits], (state.unit_label, "log p among vocabulary" if scoring.value == "posterior" else "cosine"))
         images.value = _units_grid_png(state, [u for u, _ in hits], k_images)
 
     search.on_click(run)
     concept.continuous_update = False
     concept.observe(lambda change: run(), names="value")
-    tau_slider.observe(lambda change: run() if concept.value.strip() else None, names="value")
-    box = W.VBox([W.HBox([concept, tau_slider, search]), status, W.HBox([table, images])])
-    return {"widget": box, "parts": {"concept": concept, "tau": tau_slider, "search": search, "status": status,
+    for control in (tau_slider, scoring):
+        control.observe(lambda change: run() if concept.value.strip() else None, names="value")
+    box = W.VBox([W.HBox([concept, tau_slider, scoring, search]), status, W.HBox([table, images])])
+    return {"widget": box, "parts": {"concept": concept, "tau": tau_slider, "scoring": scoring, "search": search, "status": status,
                                      "table": table, "images": images}}
 
 

@@ -1,12 +1,15 @@
 """Localize and describe: top-k contracts, vocabularies and their errors."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from miclip_nb.align import EncoderConfig, NeuronEncoder
 from miclip_nb.embed import validate_concepts
-from miclip_nb.interpret import concept_set, describe, localize, shapes_concept_prompts, top_k, unit_embeddings
+from miclip_nb.interpret import (DEFAULT_TEMPERATURE, SCORINGS, concept_set, concept_temperature, concept_unit_scores,
+                                 describe, localize, shapes_concept_prompts, top_k, unit_embeddings)
 
 
 def _linear_encoder(n_units=8, dim=4, bias=True):
@@ -39,6 +42,59 @@ def test_localize_and_describe_rank_by_cosine():
     top = describe(unit_emb, 3, bank, ["up", "right", "diagonal"], tau=3)
     assert [c for c, _ in top] == ["up", "diagonal", "right"]
     assert top[-1][1] == pytest.approx(-1.0)
+
+
+def _shared_direction_world():
+    """Three concepts that share most of their direction (axis 3), as related prompts do in CLIP
+    space; unit 0 points at what they share, unit 1 mostly at concept 0's own axis."""
+    concepts = F.normalize(torch.eye(4)[:3] * 0.5 + torch.eye(4)[3], dim=-1)
+    units = F.normalize(torch.stack([torch.eye(4)[3], torch.eye(4)[0] + 0.1 * torch.eye(4)[3],
+                                     torch.eye(4)[1] + 0.1 * torch.eye(4)[3], torch.zeros(4)]), dim=-1)
+    return units, concepts
+
+
+def test_posterior_picks_the_unit_that_singles_out_the_concept():
+    units, concepts = _shared_direction_world()
+    cos_units, cos_scores = localize(units, concepts[0], tau=2)
+    assert cos_units.tolist()[0] == 0 and cos_scores[0] > 0.85  # plain cosine prefers the shared direction
+    post_units, post_scores = localize(units, concepts[0], tau=2, reference_kd=concepts)
+    assert post_units.tolist()[0] == 1
+    scores = concept_unit_scores(units, concepts, temperature=0.1)  # the reference defaults to the concepts themselves
+    assert scores.shape == (3, 4)
+    # A log-probability over the 3 concepts: unit 0 is equally close to all of them (uniform), unit 1 favours concept 0.
+    assert torch.allclose(scores[:, :3].exp().sum(0), torch.ones(3), atol=1e-5)
+    assert torch.allclose(scores[:, 0], torch.full((3,), -math.log(3)), atol=1e-5)
+    assert torch.isneginf(scores[:, 3]).all()  # a zero (constant or dropped) unit is never localized
+    assert scores[0].argmax() == 1 and scores[1].argmax() == 2
+    # A sharper temperature separates more, and the ranking of units follows the formula.
+    expected = (concepts @ units.T) / 0.1 - torch.logsumexp((concepts @ units.T) / 0.1, 0)
+    assert torch.allclose(scores[:, :3], expected[:, :3], atol=1e-5)
+    # The shift is per unit: descriptions rank as under cosine.
+    torch.manual_seed(0)
+    u, c = F.normalize(torch.randn(20, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    assert torch.equal(concept_unit_scores(u, c).argsort(0), concept_unit_scores(u, c, "cosine").argsort(0))
+
+
+def test_concept_temperature_reads_the_training_history():
+    enc = _linear_encoder()
+    assert concept_temperature(enc) == DEFAULT_TEMPERATURE
+    enc.meta["history"] = {"temperature": {"concept": 0.05, "image": 0.02}}
+    assert concept_temperature(enc) == 0.05
+
+
+def test_scoring_errors():
+    units, concepts = _shared_direction_world()
+    assert SCORINGS == ("posterior", "cosine")
+    with pytest.raises(ValueError, match="scoring must be"):
+        concept_unit_scores(units, concepts, "dot")
+    with pytest.raises(ValueError, match="at least 2"):
+        concept_unit_scores(units, concepts[:1])
+    with pytest.raises(ValueError, match="at least 2"):
+        localize(units, concepts[0], tau=1, reference_kd=concepts[:1])
+    with pytest.raises(ValueError, match="temperature"):
+        concept_unit_scores(units, concepts, temperature=0.0)
+    with pytest.raises(ValueError, match=r"\(U, D\)"):
+        concept_unit_scores(units, torch.ones(3, 5))
 
 
 def test_tau_and_index_errors():

@@ -49,6 +49,34 @@ def test_methods_option_selects_the_right_selectors(tmp_path):
         pipeline.method_selectors(prep, space, None)
 
 
+def test_miclip_rows_rank_by_posterior_and_by_cosine(tmp_path):
+    """Row "MiClip" ranks by the posterior against the classes, row "MiClip (cosine)" by plain
+    cosine: a unit pointing at the mean of the class prompts wins every class under cosine and none
+    under the posterior, which picks each class's own unit."""
+    import torch.nn.functional as F
+
+    prep, planted = _planted_prep(tmp_path, methods=("miclip", "miclip_cosine"), seeds=(0,))
+    space = pipeline.neuron_space(prep)
+    axes = torch.eye(8)
+    text = F.normalize(axes[7] + 0.6 * axes[:6], dim=-1)  # six class prompts sharing axis 7
+    prep = pipeline.Prepared(prep.config, prep.target, None, prep.store, prep.layer, text)
+    unit_emb = -axes[7].repeat(32, 1)  # filler units, far from every class
+    unit_emb[planted] = axes[:6]  # each class's own unit: its prompt's own axis (cosine 0.51)
+    generic = next(u for u in range(32) if u not in planted.tolist())
+    unit_emb[generic] = axes[7]  # what all prompts share (cosine 0.86 to each)
+    sels = pipeline.method_selectors(prep, space, [unit_emb], temperatures=[0.05])
+    assert list(sels) == ["MiClip", "MiClip (cosine)"]
+    posterior, cosine = sels["MiClip"][0], sels["MiClip (cosine)"][0]
+    assert (posterior.scoring, posterior.temperature, cosine.scoring) == ("posterior", 0.05, "cosine")
+    for c in range(6):
+        assert int(cosine.select(c, 1)[0]) == generic
+        assert int(posterior.select(c, 1)[0]) == int(planted[c])
+    with pytest.raises(ValueError, match="2 temperatures for 1"):
+        pipeline.method_selectors(prep, space, [unit_emb], temperatures=[0.05, 0.05])
+    with pytest.raises(ValueError, match="miclip_cosine"):
+        pipeline.PipelineConfig(methods=("miclip", "netdissect", "miclip-cos"))
+
+
 def test_probe_draw_restricts_the_store_rows(tmp_path):
     store, _, _ = planted_store(tmp_path, n=1200, shard_size=500)
     rows = bl.probe_rows(store.n_rows, 300, seed=4)
@@ -148,3 +176,7 @@ def test_cli_writes_csv_and_markdown_one_row_per_method(tmp_path, capsys):
     assert [r.split("|")[1].strip() for r in rows] == ["MiClip", "Act-Values", "Random"]
     long = pd.read_csv(out / "delta_accuracy_long.csv")
     assert len(long) == (2 + 2 + 2) * 2 and (out / "localization.csv").is_file()
+    loc = pd.read_csv(out / "localization.csv")
+    assert {"class", "seed", "rank", "unit", "scoring", "score", "cosine"} <= set(loc.columns)
+    assert set(loc["scoring"]) == {"posterior"} and (loc["score"] <= 0).all()  # log-probabilities
+    assert (loc.groupby(["class", "seed"])["score"].apply(lambda s: s.is_monotonic_decreasing)).all()

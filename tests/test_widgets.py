@@ -47,6 +47,23 @@ def test_concept_search_panel_updates_on_input_and_reports_errors():
     assert "type a concept" in parts["status"].value
 
 
+def test_concept_search_ranks_by_posterior_or_cosine():
+    state = _state()
+    # Unit 7 points at what "red" and "star" share: the closest unit to "red" by cosine, but not specific to it.
+    state.unit_emb_ud = torch.cat([state.unit_emb_ud[:7], F.normalize(torch.tensor([[1.0, 1.0, 0.0, 0.0]]), dim=-1)])
+    state.vocab_emb_cd = F.normalize(torch.tensor([[1.0, 0.9, 0, 0], [0.9, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]), dim=-1)
+    state.encode_text = lambda text: state.vocab_emb_cd[WORDS.index(text)]
+    assert search_concept(state, "red", tau=1, scoring="cosine")[0][0] == 7
+    assert search_concept(state, "red", tau=1)[0][0] in (0, 4)
+    with pytest.raises(ValueError, match="scoring"):
+        search_concept(state, "red", 1, scoring="dot")
+    parts = concept_search_panel(state, tau=1)["parts"]
+    parts["concept"].value = "red"
+    assert "log p among vocabulary" in parts["table"].value and ">7<" not in parts["table"].value
+    parts["scoring"].value = "cosine"
+    assert ">7<" in parts["table"].value and "cosine" in parts["table"].value
+
+
 def test_unit_inspector_shows_descriptions_images_and_histogram():
     panel = unit_inspector_panel(_state(), tau=2)
     parts = panel["parts"]

@@ -73,21 +73,28 @@ def tour():
         print(f"model {prep.target.name}, layer {prep.layer}: {prep.store.n_rows} images captured, "
               f"{encoder.config.n_units} units aligned into a {encoder.config.embed_dim}-d CLIP space")
         """),
-        md("## Localize: which units mean *red*, *star*, *dots*?"),
+        md("""
+        ## Localize: which units mean *red*, *star*, *dots*?
+        Each unit is ranked by the probability the aligned space gives the concept against the other
+        concepts of a vocabulary when only that unit is active (the *posterior*, a log-probability);
+        without a vocabulary, `localize` uses the paper's plain cosine similarity.
+        """),
         code("""
         from miclip_nb import interpret
         unit_emb = interpret.unit_embeddings(encoder)
+        temperature = interpret.concept_temperature(encoder)  # learned by the alignment's concept term
+        vocab = interpret.concept_set("shapes" if PROFILE == "toy" else "imagenet")
+        vocab_emb = interpret.encode_concepts(prep.backend, vocab)
         concept_emb = interpret.encode_concepts(prep.backend, CONCEPTS)
         for name, emb in zip(CONCEPTS, concept_emb):
-            units, scores = interpret.localize(unit_emb, emb, tau=3)
-            print(f"{name:>5}: units {units.tolist()}  cosine {[round(s, 2) for s in scores.tolist()]}")
+            units, scores = interpret.localize(unit_emb, emb, tau=3, reference_kd=vocab_emb, temperature=temperature)
+            print(f"{name:>5}: units {units.tolist()}  p {[round(s, 2) for s in scores.exp().tolist()]}")
         """),
         md("## Describe: what does the top *star* unit mean?"),
         code("""
-        vocab = interpret.concept_set("shapes" if PROFILE == "toy" else "imagenet")
-        star_unit = int(interpret.localize(unit_emb, concept_emb[1], tau=1)[0][0])
-        for concept, score in interpret.describe(unit_emb, star_unit, interpret.encode_concepts(prep.backend, vocab), vocab, tau=3):
-            print(f"unit {star_unit}: {concept:<8} {score:.2f}")
+        star_unit = int(interpret.localize(unit_emb, concept_emb[1], tau=1, reference_kd=vocab_emb, temperature=temperature)[0][0])
+        for concept, score in interpret.describe(unit_emb, star_unit, vocab_emb, vocab, tau=3):
+            print(f"unit {star_unit}: {concept:<8} cosine {score:.2f}")
         """),
         md("""
         ## Steer: switch off the five *star* units
@@ -100,16 +107,16 @@ def tour():
         eval_data = datasets.open_dataset("shapes:test:600" if PROFILE == "toy" else IMAGENET_VAL)
         images, labels = pipeline.load_eval_images(prep.target, eval_data, n=600 if PROFILE == "toy" else None)
         star = prep.target.class_names.index(CLASS)
-        miclip_units = select.MiClipSelector(unit_emb, prep.class_text_emb_cd).select(star, 5)
+        miclip_units = select.MiClipSelector(unit_emb, prep.class_text_emb_cd, temperature=temperature).select(star, 5)
         for name, units in [("MiClip", miclip_units), ("random", select.RandomSelector(unit_emb.shape[0], SEED).select(star, 5))]:
             df = steer.class_deltas(prep.target.module, images, labels, prep.layer, {star: units}, beta=0.0)
             print(f"remove 5 {name:<6} units: {CLASS} accuracy {df.acc_base[0]:.1f}% -> {df.acc_edit[0]:.1f}%")
         """),
         md("""
         **Read the numbers honestly.** One class and one seed is an anecdote. Over all six classes and
-        three alignment seeds, removing each class's top-5 MiClip units at this layer costs about 11
-        accuracy points, five random units about 1.5; without unit dropout MiClip's units cost no more
-        than random ones. Baselines that look at the class's activations or gradients directly do
+        three alignment seeds, removing each class's top-5 MiClip units at this layer costs about 16
+        accuracy points (11 when units are ranked by plain cosine), five random units about 1.5;
+        without unit dropout MiClip's units cost no more than random ones. Baselines that look at the class's activations or gradients directly do
         better still (Act-Values about 34 points, Captum's Gradient x Activation about 63):
         `03_intervention_tables` puts them side by side. A tool for interpretability has to show you
         that too.
@@ -190,20 +197,31 @@ def train_alignment():
         md("""
         ## Localize concepts
         Each unit gets an embedding (the encoder's response to that unit alone, minus its response to
-        silence). A concept's top units are those with the highest cosine similarity to its text embedding.
+        silence). Two ways to rank units for a concept:
+        - **cosine** (the paper's rule): cosine similarity of the unit embedding to the concept's text embedding;
+        - **posterior** (our default wherever a vocabulary is at hand): $\\log p(c \\mid u)$, the
+          softmax over the vocabulary of the unit's cosines at the temperature the alignment learned,
+          i.e. how the encoder's concept term would classify the unit alone.
+
+        Related prompts share most of their direction in CLIP space, so under plain cosine a unit that
+        points at what they all share ranks high for all of them; the posterior asks instead whether
+        the concept stands out in the unit's description. Describing a unit ranks concepts the same
+        way under both, since the softmax shifts each unit's scores by one constant.
         """),
         code("""
         unit_emb = interpret.unit_embeddings(encoder)
+        temperature = interpret.concept_temperature(encoder)  # the posterior's temperature, learned by the alignment
         vocab = interpret.concept_set(config.concepts)
         vocab_emb = interpret.encode_concepts(prep.backend, vocab)
         queries = ["red", "star", "dots"] if PROFILE == "toy" else ["kit fox", "green", "stripes"]
         query_emb = interpret.encode_concepts(prep.backend, queries)
         rows = []
         for q, emb in zip(queries, query_emb):
-            units, scores = interpret.localize(unit_emb, emb, tau=5)
-            rows += [{"concept": q, "rank": r + 1, "unit": u, "cosine": round(s, 3)} for r, (u, s) in enumerate(zip(units.tolist(), scores.tolist()))]
+            for scoring, reference in (("posterior", vocab_emb), ("cosine", None)):
+                units, scores = interpret.localize(unit_emb, emb, tau=5, reference_kd=reference, temperature=temperature)
+                rows += [{"concept": q, "scoring": scoring, "rank": r + 1, "unit": u} for r, u in enumerate(units.tolist())]
         import pandas as pd
-        pd.DataFrame(rows).pivot(index="rank", columns="concept", values="unit")
+        pd.DataFrame(rows).pivot(index="rank", columns=["concept", "scoring"], values="unit")
         """),
         md("""
         ## Describe units
@@ -212,19 +230,20 @@ def train_alignment():
         """),
         code("""
         for q, emb in zip(queries, query_emb):
-            unit = int(interpret.localize(unit_emb, emb, tau=1)[0][0])
+            unit = int(interpret.localize(unit_emb, emb, tau=1, reference_kd=vocab_emb, temperature=temperature)[0][0])
             top = interpret.describe(unit_emb, unit, vocab_emb, vocab, tau=3)
             print(f"best unit for {q!r:>9} is {unit:>4}: " + ", ".join(f"{c} ({s:.2f})" for c, s in top))
         """),
         md("""
         ## Panels
-        **Concept search**: type any concept; see its top units with scores and each unit's
-        top-activating probe images. **Unit inspector**: pick a unit; see its top concepts, its
+        **Concept search**: type any concept; see its top units with scores (by posterior against
+        the vocabulary, or by cosine: the *rank by* menu) and each unit's top-activating probe images. **Unit inspector**: pick a unit; see its top concepts, its
         top-activating images and the histogram of its activations.
         """),
         code("""
         probe = datasets.open_dataset(probe_spec)
-        state = widgets.build_explorer(prep.target, prep.backend, unit_emb, vocab, vocab_emb, probe, prep.layer, n_probe=512)
+        state = widgets.build_explorer(prep.target, prep.backend, unit_emb, vocab, vocab_emb, probe, prep.layer, n_probe=512,
+                                       temperature=temperature)
         # NBVAL_IGNORE_OUTPUT  (a live panel: its text form holds image bytes)
         search = widgets.concept_search_panel(state)
         search["parts"]["concept"].value = queries[0]
@@ -239,7 +258,9 @@ def train_alignment():
         ## What to take away
         - The encoder is small (a linear map here) and trains in seconds on cached activations; the
           forward passes of the model and of CLIP are the real cost, and the store pays them once.
-        - Units are ranked by *meaning* (direction in CLIP space), not by how large they get.
+        - Units are ranked by *meaning* (direction in CLIP space), not by how large they get; ranking by
+          posterior against a vocabulary, rather than by raw cosine, keeps a unit that fits every
+          concept a little from topping them all.
         - `03_intervention_tables` checks causally that the localized units matter.
 
         ## Exercises

@@ -174,9 +174,12 @@ def sae_features():
         object at several times chance for every colour.
 
         ## 6 · Remove a class's top-5 features
-        Each class's five features closest to its name are set to zero at every token (the
-        reconstruction error kept, see the equation above). The control: five random features among
-        those that fire on at least 10% of the images (removing a dead latent would change nothing).
+        Each class's five features that MiClip localizes for its name are set to zero at every token
+        (the reconstruction error kept, see the equation above). *posterior* ranks features by
+        $\\log p(\\text{class} \\mid \\text{feature})$ against the six classes, the tables' default; *cosine* by
+        plain cosine, the paper's rule (`miclip_nb.interpret` explains both). The control: five random
+        features among those that fire on at least 10% of the images (removing a dead latent would
+        change nothing).
         """),
         code("""
         eval_images, eval_labels = pipeline.load_eval_images(target, probe, n=300 if PROFILE == "toy" else 2000)
@@ -193,7 +196,9 @@ def sae_features():
             scores = torch.rand(len(target.class_names), autoencoder.n_latents, generator=torch.Generator().manual_seed(seed))
             return select.ScoreSelector("random", scores.masked_fill(~firing, -1.0))
 
-        rows = {"MiClip top-5": removal(select.MiClipSelector(feature_emb, class_emb))}
+        temperature = interpret.concept_temperature(encoder)
+        rows = {f"MiClip top-5 ({scoring})": removal(select.MiClipSelector(feature_emb, class_emb, scoring=scoring, temperature=temperature))
+                for scoring in ("posterior", "cosine")}
         rows.update({f"random 5, draw {s}": removal(random_firing(s)) for s in range(3)})
         pd.Series(rows, name="class-averaged delta-accuracy (points)")
         """),
