@@ -695,7 +695,7 @@ def ablation_scores(model: nn.Module, layer: str, images: torch.Tensor, labels, 
     images: (N, 3, H, W) preprocessed; labels: (N,) ints. Rows of classes without images are NaN.
     Raises steer.SplitError for a model that cannot be cut at ``layer``.
     """
-    from .steer import cache_layer_outputs, tail_module, unit_dim
+    from .steer import cache_layer_outputs, neuron_edit, tail_module, unit_dim
 
     dev = _device(device)
     model = model.to(dev).eval()
@@ -703,16 +703,14 @@ def ablation_scores(model: nn.Module, layer: str, images: torch.Tensor, labels, 
     n_classes = int(n_classes or int(labels.max()) + 1)
     tail = tail_module(model, layer, images[:2].to(dev))
     acts, _ = cache_layer_outputs(model, images, layer, batch_size, dev)
-    dim = unit_dim(acts) % acts.ndim
-    n_units = acts.shape[dim]
+    n_units = acts.shape[unit_dim(acts)]
 
     def class_logprob(edited_unit: int | None) -> torch.Tensor:  # (C,) mean log p(label) per class
         total = torch.zeros(n_classes, dtype=torch.float64)
         for start in range(0, acts.shape[0], batch_size):
             x = acts[start : start + batch_size].to(dev)
-            if edited_unit is not None:
-                x = x.clone()
-                x.select(dim, edited_unit).zero_()
+            if edited_unit is not None:  # the removal edit the delta-accuracy tables apply, on one unit
+                x = neuron_edit([edited_unit], "scale", 0.0)(x)
             y = labels[start : start + batch_size]
             # as steer.cached_class_deltas: the cache holds bf16 outputs on CUDA, so the tail runs under autocast
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):

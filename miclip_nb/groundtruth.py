@@ -38,6 +38,7 @@ from PIL import Image
 from torch import nn
 
 from . import baselines as bl
+from .interpret import DEFAULT_TEMPERATURE
 from .metrics import auroc, best_unit_auroc
 from .shapes import COLORS, CONCEPT_KIND, CONCEPTS, SHAPES
 
@@ -152,7 +153,8 @@ def _probe_images(probe: bl.ShapesMaskProbe, indices) -> torch.Tensor:
 
 def concept_scores(
     model: nn.Module, layer: str, probe: bl.ShapesMaskProbe, *, methods: Sequence[str] = METHODS, backend=None,
-    unit_emb_ud: torch.Tensor | None = None, temperature: float = 0.07, pooling: str = "mean", n_captum_per_class: int = 50,
+    unit_emb_ud: torch.Tensor | None = None, temperature: float = DEFAULT_TEMPERATURE, pooling: str = "mean",
+    n_captum_per_class: int = 50,
     captum_steps: int = 16, wpmi: bl.SoftWPMIConfig = bl.SoftWPMIConfig(), batch_size: int = 64, device=None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -208,7 +210,8 @@ def concept_scores(
 
 
 def groundtruth_benchmark(
-    model: nn.Module, layer: str, *, backend=None, unit_emb_ud: torch.Tensor | None = None, temperature: float = 0.07,
+    model: nn.Module, layer: str, *, backend=None, unit_emb_ud: torch.Tensor | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
     methods: Sequence[str] | None = None, n_probe: int = 2000, n_eval: int = 2000, tau: int = 5,
     pooling: str = "mean", n_random: int = 20, standardize: bool = True, cfg=None, split: str = "balanced",
     n_captum_per_class: int = 50, captum_steps: int = 16, batch_size: int = 64, device=None, progress: bool = False,

@@ -143,11 +143,8 @@ def localize(unit_emb_ud: torch.Tensor, concept_emb_d: torch.Tensor, tau: int = 
     posterior log p(c | u) against it at ``temperature`` (module docstring). Returns (unit
     indices (tau,), scores (tau,)), best first: cosines, or log-probabilities with a reference.
     """
-    concept = concept_emb_d.reshape(1, -1)
-    if reference_kd is None:
-        scores = concept_unit_scores(unit_emb_ud, concept, "cosine")[0]
-    else:
-        scores = concept_unit_scores(unit_emb_ud, concept, "posterior", reference_kd, temperature)[0]
+    scoring = "cosine" if reference_kd is None else "posterior"
+    scores = concept_unit_scores(unit_emb_ud, concept_emb_d.reshape(1, -1), scoring, reference_kd, temperature)[0]
     return top_k(scores, tau, "units")
 
 

@@ -16,7 +16,7 @@ import torch
 
 from . import viz
 from .capture import capture
-from .interpret import DEFAULT_TEMPERATURE, SCORINGS, describe, encode_concepts, localize
+from .interpret import DEFAULT_TEMPERATURE, SCORINGS, concept_unit_scores, describe, encode_concepts, localize, top_k
 
 
 @dataclass
@@ -60,7 +60,7 @@ def search_concept(state: ExplorerState, text: str, tau: int, scoring: str = "po
     """[(unit, score)] of the top ``tau`` units for free text, best first.
 
     scoring: "posterior" (log p(text | unit) against the explorer's vocabulary,
-    interpret.localize with ``reference_kd``) or "cosine" (the paper's plain cosine). Raises
+    interpret.concept_unit_scores at ``state.temperature``) or "cosine" (the paper's plain cosine). Raises
     ValueError for empty text or an unknown scoring."""
     text = (text or "").strip()
     if not text:
@@ -69,10 +69,8 @@ def search_concept(state: ExplorerState, text: str, tau: int, scoring: str = "po
         emb = state.encode_text(text)
     else:
         emb = encode_concepts(state.backend, [text])[0]
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    units, scores = localize(state.unit_emb_ud, emb, tau, state.vocab_emb_cd if scoring == "posterior" else None,
-                             state.temperature)
+    scores = concept_unit_scores(state.unit_emb_ud, emb.reshape(1, -1), scoring, state.vocab_emb_cd, state.temperature)[0]
+    units, scores = top_k(scores, tau, "units")
     return list(zip(units.tolist(), scores.tolist()))
 
 
@@ -102,7 +100,7 @@ def concept_search_panel(state: ExplorerState, tau: int = 5, k_images: int = 6) 
     """Type a concept -> its top units with scores and each unit's top-activating images."""
     concept = W.Text(value="", placeholder="a concept, e.g. red", description="concept")
     tau_slider = W.IntSlider(value=tau, min=1, max=min(20, state.n_units), description="top units")
-    scoring = W.Dropdown(options=[("posterior", "posterior"), ("cosine", "cosine")], value="posterior", description="rank by")
+    scoring = W.Dropdown(options=list(SCORINGS), value=SCORINGS[0], description="rank by")
     search = W.Button(description="Search", button_style="primary")
     status = W.HTML()
     table = W.HTML()
