@@ -2,19 +2,21 @@
 # The two commands of the README's Quick start:
 #   bash run.sh walkthrough   set up, then execute every notebook headless into outputs/walkthrough/
 #   bash run.sh test          set up, then run the default test suite (extra arguments go to pytest)
+# and one for CI and authors:
+#   bash run.sh notebooks     set up, then only the notebooks against their stored outputs (nbval)
 # Setup = a .venv made with `python3 -m venv` if missing, and `pip install -e '.[dev]'` whenever
 # pyproject.toml changed since the last install (a stamp file in .venv holds its hash).
 set -euo pipefail
 
 usage() {
-    echo "usage: bash run.sh {walkthrough|test} [pytest arguments]" >&2
+    echo "usage: bash run.sh {walkthrough|test|notebooks} [pytest arguments]" >&2
     exit 2
 }
 [ $# -ge 1 ] || usage
 command=$1
 shift
 case "$command" in
-    walkthrough | test) ;;
+    walkthrough | test | notebooks) ;;
     *) usage ;;
 esac
 
@@ -48,9 +50,19 @@ setup() {
 }
 
 run_tests() {
-    # Unit tests and every notebook (nbval compares the stored, sanitized outputs), in one run.
-    # Progress bars are off so that notebook outputs are comparable.
-    TQDM_DISABLE=1 python -m pytest tests notebooks --nbval --nbval-sanitize-with notebooks/nbval_sanitize.cfg \
+    # Unit tests and every notebook (nbval compares the stored, sanitized outputs), in one run; the
+    # first argument names what to collect ("tests notebooks" or "notebooks").
+    # Progress bars are off so that notebook outputs are comparable. The notebooks' kernels get a
+    # fresh cache folder, so that they train and capture again rather than reuse a user's (or an
+    # earlier run's) stores and encoders: nbval then checks what this machine computes.
+    local paths=$1
+    shift
+    local cache
+    cache=$(mktemp -d "${TMPDIR:-/tmp}/miclip-test-cache.XXXXXX")
+    # shellcheck disable=SC2064
+    trap "rm -rf '$cache'" EXIT
+    # shellcheck disable=SC2086
+    MICLIP_CACHE_DIR=$cache TQDM_DISABLE=1 python -m pytest $paths --nbval --nbval-sanitize-with notebooks/nbval_sanitize.cfg \
         --nbval-cell-timeout=900 "$@"
 }
 
@@ -76,6 +88,7 @@ run_walkthrough() {
 
 setup
 case "$command" in
-    test) run_tests "$@" ;;
+    test) run_tests "tests notebooks" "$@" ;;
+    notebooks) run_tests "notebooks" "$@" ;;
     walkthrough) run_walkthrough ;;
 esac

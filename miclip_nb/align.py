@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._checkpoint import read_checkpoint, save_checkpoint
-from .store import ActivationStore, acts_field
+from .store import INDEX_FIELD, ROW_KEY, ActivationStore, acts_field
 from ._progress import bars_off
 
 ENCODER_SCHEMA_VERSION = 1
@@ -141,18 +141,33 @@ def _val_mask(rows: torch.Tensor, val_fraction: float, seed: int) -> torch.Tenso
 
 @torch.no_grad()
 def _streaming_stats(store: ActivationStore, field_name: str, rows_mask_fn) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean and std of a field over training rows, one shard at a time (float64 sums)."""
-    total, total_sq, count, offset = None, None, 0, 0
-    for shard in store.iter_shards([field_name]):
+    """Mean and std of a (N, U) field over training rows, one shard at a time (float64 sums).
+
+    Raises ValueError naming the rows with NaN or inf values (the first few and how many).
+    """
+    total, total_sq, count = None, None, 0
+    bad_rows, bad_indices, n_bad = [], [], 0
+    extra = [INDEX_FIELD] if INDEX_FIELD in store.fields else []
+    for offset, shard in zip(store.row_offsets, store.iter_shards([field_name, *extra])):
         x = shard[field_name].double()
-        if not torch.isfinite(x).all():
-            raise ValueError(f"activations in {store.dir} contain NaN or inf; check the model and layer")
-        keep = ~rows_mask_fn(torch.arange(offset, offset + x.shape[0]))
-        offset += x.shape[0]
-        x = x[keep]
+        rows = torch.arange(offset, offset + x.shape[0])
+        finite = torch.isfinite(x).all(1)
+        if not finite.all():
+            n_bad += int((~finite).sum())
+            bad_rows += rows[~finite][:5].tolist()
+            bad_indices += shard[INDEX_FIELD][~finite][:5].tolist() if extra else []
+            continue
+        x = x[~rows_mask_fn(rows)]
         total = x.sum(0) if total is None else total + x.sum(0)
         total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
         count += x.shape[0]
+    if n_bad:
+        where = f"rows {bad_rows[:5]}" + (f" (dataset indices {bad_indices[:5]})" if extra else "")
+        raise ValueError(
+            f"{field_name} contains NaN or inf in {n_bad} of {store.n_rows} rows, first {where}, in the store at "
+            f"{store.dir}. The model computed them from those images: check the images and the preprocessing "
+            "(e.g. a transform that produced NaN, such as normalising by a zero std), then the model and layer."
+        )
     mean = total / count
     var = (total_sq / count - mean * mean).clamp_min(0)
     return mean.float(), var.sqrt().float(), count
@@ -241,8 +256,9 @@ def train_encoder(
     def run_epoch(train: bool, epoch: int) -> float:
         encoder.train(train)
         total, count = 0.0, 0
-        for batch in _row_batches(store, fields, config.batch_size, shuffle=train, seed=seed * 1000 + epoch):
-            rows = batch.pop("_row")
+        batches = store.iter_batches(fields, config.batch_size, shuffle=train, seed=seed * 1000 + epoch, with_rows=True)
+        for batch in batches:
+            rows = batch.pop(ROW_KEY)
             keep = is_val(rows) != train
             if keep.sum() < 2:
                 continue
@@ -282,33 +298,6 @@ def train_encoder(
     history["config"] = asdict(config)
     encoder.meta["history"] = {k: v for k, v in history.items() if k != "config"}
     return encoder.cpu().eval(), history
-
-
-def _row_batches(store: ActivationStore, fields, batch_size: int, shuffle: bool, seed: int):
-    """Like ActivationStore.iter_batches, with each row's global index in ``_row``."""
-    offsets, offset = [], 0
-    for shard in store.meta["shards"]:
-        offsets.append(offset)
-        offset += shard["n"]
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(offsets), generator=gen).tolist() if shuffle else list(range(len(offsets)))
-    shard_iter = list(store.iter_shards(fields)) if len(offsets) == 1 else None
-    for si in order:
-        data = shard_iter[0] if shard_iter is not None else _read_shard(store, si, fields)
-        n = store.meta["shards"][si]["n"]
-        perm = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            batch = {k: v[idx] for k, v in data.items()}
-            batch["_row"] = idx + offsets[si]
-            yield batch
-
-
-def _read_shard(store: ActivationStore, index: int, fields) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    with safe_open(store.dir / store.meta["shards"][index]["file"], framework="pt") as f:
-        return {k: f.get_tensor(k) for k in fields}
 
 
 def save_encoder(encoder: NeuronEncoder, path: str | Path) -> Path:

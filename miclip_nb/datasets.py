@@ -41,12 +41,14 @@ def load_image(path: str | Path) -> Image.Image:
         raise UnreadableImageError(f"cannot read image {path}: {err}") from err
 
 
-def _listing_fingerprint(kind: str, root: Path, files: list[Path]) -> str:
-    """Hash of the file names, sizes and modification times (content changes -> new fingerprint)."""
+def _listing_fingerprint(kind: str, root: Path, files: list[Path], labels: list[int]) -> str:
+    """Hash of the file names, sizes, modification times and labels (content changes -> new
+    fingerprint). It depends on the listed files alone, so the listing less some files (see
+    :meth:`FileListDataset.without`) gets the fingerprint of the folder after deleting them."""
     h = hashlib.sha256(kind.encode())
-    for f in files:
+    for f, label in zip(files, labels):
         st = f.stat()
-        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}|{label}".encode())
     return f"{kind}:{root}:{len(files)}:{h.hexdigest()[:16]}"
 
 
@@ -60,11 +62,40 @@ def _check_dir(root: str | Path) -> Path:
 
 
 class FileListDataset(torch.utils.data.Dataset):
-    """Images from a list of files with integer labels; base of the folder datasets."""
+    """Images from a list of files with integer labels; base of the folder datasets.
 
-    def __init__(self, files: list[Path], labels: list[int], classes: list[str], fingerprint: str, transform=None):
+    ``kind`` and ``root`` (set by the folder loaders) name the layout and folder the files were
+    listed from, so that :meth:`without` can give the fingerprint of a fresh listing.
+    """
+
+    def __init__(self, files: list[Path], labels: list[int], classes: list[str], fingerprint: str, transform=None,
+                 *, kind: str | None = None, root: Path | None = None):
         self.files, self.labels, self.classes = files, labels, classes
         self.fingerprint, self.transform = fingerprint, transform
+        self.kind, self.root = kind, root
+
+    @classmethod
+    def listed(cls, kind: str, root: Path, files: list[Path], labels: list[int], classes: list[str], transform=None):
+        """The dataset of files listed from ``root`` in layout ``kind``, fingerprinted by the listing."""
+        fingerprint = _listing_fingerprint(kind, root, files, labels)
+        return cls(files, labels, classes, fingerprint, transform, kind=kind, root=root)
+
+    def without(self, indices) -> "FileListDataset":
+        """This dataset less the items at ``indices`` (e.g. unreadable files), order kept.
+
+        For a folder dataset the result (fingerprint included) is what listing the folder again
+        after deleting those files gives; otherwise its fingerprint derives from this one and the
+        indices. Raises IndexError for an index outside 0..len-1.
+        """
+        drop = sorted({int(i) for i in indices})
+        if drop and not 0 <= drop[0] <= drop[-1] < len(self):
+            raise IndexError(f"indices must be in 0..{len(self) - 1}, got {drop}")
+        keep = sorted(set(range(len(self))) - set(drop))
+        files, labels = [self.files[i] for i in keep], [self.labels[i] for i in keep]
+        if self.kind is not None and self.root is not None:
+            return FileListDataset.listed(self.kind, self.root, files, labels, self.classes, self.transform)
+        fingerprint = f"{self.fingerprint}|without:{hashlib.sha256(str(drop).encode()).hexdigest()[:16]}"
+        return FileListDataset(files, labels, self.classes, fingerprint, self.transform)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -89,7 +120,7 @@ def image_folder(root: str | Path, transform=None) -> FileListDataset:
                 labels.append(label)
     if not files:
         raise DatasetError(f"no images found in class subfolders of {root} (expected root/<class>/<image>)")
-    return FileListDataset(files, labels, [d.name for d in class_dirs], _listing_fingerprint("folder", root, files), transform)
+    return FileListDataset.listed("folder", root, files, labels, [d.name for d in class_dirs], transform)
 
 
 def imagenet_val(root: str | Path, transform=None) -> FileListDataset:
@@ -114,7 +145,7 @@ def imagenet_val(root: str | Path, transform=None) -> FileListDataset:
     if not files:
         raise DatasetError(f"no images found in wnid subfolders of {root}")
     classes = [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
-    return FileListDataset(files, labels, classes, _listing_fingerprint("imagenet_val", root, files), transform)
+    return FileListDataset.listed("imagenet_val", root, files, labels, classes, transform)
 
 
 def imagenet_sample(root: str | Path, transform=None) -> FileListDataset:
@@ -139,7 +170,7 @@ def imagenet_sample(root: str | Path, transform=None) -> FileListDataset:
     if not files:
         raise DatasetError(f"no files named like 0000_n01440764_tench.jpg in {root}")
     classes = [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
-    return FileListDataset(files, labels, classes, _listing_fingerprint("imagenet_sample", root, files), transform)
+    return FileListDataset.listed("imagenet_sample", root, files, labels, classes, transform)
 
 
 def open_dataset(spec: str | Path, transform=None):

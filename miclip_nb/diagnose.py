@@ -10,6 +10,10 @@ and of the wrongly predicted label, layer by layer, is the image's *trajectory*.
 
 At the overtaking layer, the concepts closest to e_l (the two labels excluded) say what the model
 started to "see" instead.
+
+An image with NaN or inf pixels, or whose layer embeddings come out NaN or inf, gets no trajectory
+and is no failure: :func:`find_failures` and :func:`diagnose` raise NonFiniteInputError naming such
+images, or leave them out with a warning when called with ``on_bad="skip"``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ._checks import NonFiniteInputError, check_on_bad, nonfinite_batch, report_nonfinite  # noqa: F401 (re-exported)
 from .align import AlignConfig, NeuronEncoder
 from .capture import capture
 from .pipeline import fit_alignment
+from .steer import predict
 from .store import build_store, model_identity
 
 
@@ -78,6 +84,7 @@ class Trajectory:
     best_layer: int  # index into layers
     overtake_layer: int | None  # index into layers, None when never overtaken
     top_concepts: list[list[tuple[str, float]]]  # per layer: [(concept, cosine)] best first
+    image: int | None = None  # index of the image among those given to diagnose
 
     @property
     def overtake_concepts(self) -> list[str]:
@@ -93,22 +100,36 @@ class Trajectory:
 
 def diagnose(target, encoders: dict[str, NeuronEncoder], images: torch.Tensor, true_labels, wrong_labels,
              class_text_emb_cd: torch.Tensor, vocab: Sequence[str], vocab_emb_cd: torch.Tensor, *,
-             class_names: Sequence[str] | None = None, k: int = 3, pooling: str = "mean", batch_size: int = 128) -> list[Trajectory]:
+             class_names: Sequence[str] | None = None, k: int = 3, pooling: str = "mean", batch_size: int = 128,
+             on_bad: str = "raise") -> list[Trajectory]:
     """Trajectories for images (N, 3, H, W) with their true and wrong labels (N,).
 
     ``vocab``/``vocab_emb_cd`` (C, D) name what each layer's embedding is closest to; concepts equal
-    to the true or wrong class name are left out of the top ``k``. Returns one Trajectory per image.
+    to the true or wrong class name are left out of the top ``k``. Returns one Trajectory per image,
+    in order (``Trajectory.image`` is the image's index). Images with NaN or inf pixels or layer
+    embeddings get none: ``on_bad="raise"`` (default) raises NonFiniteInputError naming them,
+    ``"skip"`` warns naming them and returns the other images' trajectories. Raises
+    EncoderMismatchError for an encoder of another model, layer or pooling.
     """
+    check_on_bad(on_bad)
     true_labels, wrong_labels = torch.as_tensor(true_labels), torch.as_tensor(wrong_labels)
     names = list(class_names) if class_names is not None else [str(i) for i in range(class_text_emb_cd.shape[0])]
     layers = list(encoders)
+    bad_inputs = torch.zeros(images.shape[0], dtype=torch.bool)
+    bad_outputs = torch.zeros(images.shape[0], dtype=torch.bool)
     out = []
     for start in range(0, images.shape[0], batch_size):
-        emb_lnd = layer_embeddings(target, encoders, images[start : start + batch_size], pooling)
-        sims_true = torch.einsum("lnd,nd->nl", emb_lnd, class_text_emb_cd[true_labels[start : start + batch_size]])
-        sims_wrong = torch.einsum("lnd,nd->nl", emb_lnd, class_text_emb_cd[wrong_labels[start : start + batch_size]])
+        rows = slice(start, start + batch_size)
+        emb_lnd = layer_embeddings(target, encoders, images[rows], pooling)
+        found = nonfinite_batch(images[rows], emb_lnd.transpose(0, 1))
+        if found is not None:
+            bad_inputs[rows], bad_outputs[rows] = found
+        sims_true = torch.einsum("lnd,nd->nl", emb_lnd, class_text_emb_cd[true_labels[rows]])
+        sims_wrong = torch.einsum("lnd,nd->nl", emb_lnd, class_text_emb_cd[wrong_labels[rows]])
         concept_sims = torch.einsum("lnd,cd->nlc", emb_lnd, vocab_emb_cd)
         for j in range(emb_lnd.shape[1]):
+            if found is not None and bool(found[0][j] | found[1][j]):
+                continue
             t, w = int(true_labels[start + j]), int(wrong_labels[start + j])
             skip = {names[t].lower(), names[w].lower()}
             allowed = torch.tensor([v.lower() not in skip for v in vocab])
@@ -119,7 +140,8 @@ def diagnose(target, encoders: dict[str, NeuronEncoder], images: torch.Tensor, t
                 tops.append([(vocab[i], float(v)) for i, v in zip(idx.tolist(), vals.tolist())])
             st, sw = sims_true[j].numpy(), sims_wrong[j].numpy()
             best, over = trajectory_marks(st, sw)
-            out.append(Trajectory(layers, st, sw, t, w, best, over, tops))
+            out.append(Trajectory(layers, st, sw, t, w, best, over, tops, image=start + j))
+    report_nonfinite(bad_inputs, bad_outputs, on_bad, outputs="layer embeddings", stacklevel=2)
     return out
 
 
@@ -154,11 +176,16 @@ def concept_hit_rate(trajectories: Sequence[Trajectory], concepts: Sequence[str]
     return (sum(hits) / len(hits) if hits else float("nan")), len(hits)
 
 
-def find_failures(target, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of misclassified images and their wrong predictions: ((M,), (M,))."""
-    from .steer import predict
+def find_failures(target, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+                  on_bad: str = "raise") -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of misclassified images and their wrong predictions: images (N, 3, H, W), labels
+    (N,) -> ((M,), (M,)).
 
-    pred = predict(target.module, images, batch_size)
-    wrong = torch.nonzero(pred != torch.as_tensor(labels)).flatten()
+    An image with NaN or inf pixels or logits is no failure (its "prediction" would be an argmax of
+    NaN): ``on_bad="raise"`` (default) raises NonFiniteInputError naming such images, ``"skip"``
+    warns naming them and leaves them out. Raises ValueError for another ``on_bad``.
+    """
+    pred = predict(target.module, images, batch_size, on_bad=on_bad)
+    wrong = torch.nonzero((pred != torch.as_tensor(labels)) & (pred >= 0)).flatten()
     return wrong, pred[wrong]
 

@@ -33,10 +33,17 @@ the 16 concepts (:mod:`miclip_nb.groundtruth`) is 0.756 against 0.740 on toy_cnn
 0.686 on toy_vit. Standardising each unit's cosines over the concepts instead (a z-score) removed
 more on toy_cnn neurons (18.2) but far less on SAE features (1.2 / 2.2): it amplifies features
 whose profile is nearly flat, where the posterior leaves them flat.
+
+Unit embeddings remember what they were made for. :func:`unit_embeddings` returns a
+:class:`UnitEmbeddings` tensor whose ``provenance`` (:class:`UnitProvenance`: the target model's
+identity, the layer, the pooling, neurons or SAE features) comes from the encoder's ``meta``; the
+panels (:mod:`miclip_nb.widgets`) check it with :func:`check_unit_embeddings` before they put
+embeddings of one layer beside the activations of another.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -48,9 +55,84 @@ from .align import NeuronEncoder
 from .embed import IDENTITY_TEMPLATES, EmbeddingBackend, build_concept_bank, validate_concepts
 
 
+UNIT_KINDS = ("neuron", "SAE feature")
+
+
+@dataclass(frozen=True)
+class UnitProvenance:
+    """What a set of unit embeddings was made for; None where the encoder did not record it."""
+
+    model: str | None = None  # the target model's identity (store.model_identity), as encoder.meta["model"]
+    layer: str | None = None  # the model's layer whose units (or whose SAE's features) they are
+    pooling: str | None = None  # how the activations the encoder learned from were pooled
+    unit_kind: str = "neuron"  # one of UNIT_KINDS
+    sae: str | None = None  # the SAE's fingerprint (TopKSAE.fingerprint) for SAE features
+
+    def __post_init__(self) -> None:
+        if self.unit_kind not in UNIT_KINDS:
+            raise ValueError(f"unit_kind must be one of {UNIT_KINDS}, got {self.unit_kind!r}")
+
+    @classmethod
+    def from_encoder_meta(cls, meta: dict) -> "UnitProvenance":
+        """Read an encoder's ``meta`` ("model", "layer", "pooling"). An encoder trained on an SAE
+        code store has the store's model string, ``<model>|source=<key>|layer=<layer>|sae=<sae>|...``
+        (sae.sae_store_spec): its units are that SAE's features at that layer."""
+        model, layer, pooling = meta.get("model"), meta.get("layer"), meta.get("pooling")
+        base, sep, rest = (model or "").partition("|source=")
+        if not sep:
+            return cls(model, layer, pooling)
+        fields = dict(part.partition("=")[::2] for part in rest.split("|")[1:])
+        return cls(base, fields.get("layer"), pooling, "SAE feature", fields.get("sae"))
+
+
+#: Operations whose result holds the same embeddings of the same units (maybe elsewhere).
+_SAME_UNITS = {torch.Tensor.clone, torch.clone, torch.Tensor.detach, torch.detach, torch.Tensor.to, torch.Tensor.cpu,
+               torch.Tensor.cuda, torch.Tensor.contiguous, torch.Tensor.float, torch.Tensor.double}
+
+
+class UnitEmbeddings(torch.Tensor):
+    """A (U, D) tensor of unit embeddings that carries its ``provenance`` (a UnitProvenance).
+
+    It is a tensor everywhere: every torch operation on it (``emb[units]``, ``emb @ x``,
+    ``F.normalize(emb)``) returns a plain tensor, since a subset or a product is no longer "the
+    embeddings of that layer's units"; ``clone``, ``detach``, ``to``, ``cpu``, ``cuda``,
+    ``contiguous``, ``float`` and ``double`` keep the provenance, and so do in-place edits
+    (``emb[rare] = 0``). ``torch.save`` / ``torch.load`` keep it too (importing this module allows
+    the two classes for ``torch.load``'s default ``weights_only=True``). Build one with
+    :func:`unit_embeddings`, or ``UnitEmbeddings(tensor, UnitProvenance(...))``; check one with
+    :func:`check_unit_embeddings`.
+    """
+
+    provenance: UnitProvenance | None = None
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, provenance: UnitProvenance) -> "UnitEmbeddings":
+        emb = torch.Tensor._make_subclass(cls, torch.as_tensor(data).detach(), False)
+        emb.provenance = provenance
+        return emb
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))  # plain tensors, or the very object an in-place op edited
+        first = args[0] if args else None
+        if (func in _SAME_UNITS and isinstance(first, cls) and isinstance(out, torch.Tensor) and out is not first
+                and out.shape == first.shape):
+            return cls(out, first.provenance)
+        return out
+
+    def __deepcopy__(self, memo: dict) -> "UnitEmbeddings":
+        memo[id(self)] = copied = self.clone()  # torch's default asks subclasses for new_empty
+        return copied
+
+
+torch.serialization.add_safe_globals([UnitEmbeddings, UnitProvenance])
+
+
 @torch.no_grad()
-def unit_embeddings(encoder: NeuronEncoder, value: str | float = "one", batch_size: int = 4096) -> torch.Tensor:
-    """Embed every unit: (U, D) unit-norm rows (zero rows for constant units).
+def unit_embeddings(encoder: NeuronEncoder, value: str | float = "one", batch_size: int = 4096) -> UnitEmbeddings:
+    """Embed every unit: (U, D) unit-norm rows (zero rows for constant units), as UnitEmbeddings
+    whose provenance is read from ``encoder.meta`` (:meth:`UnitProvenance.from_encoder_meta`).
 
     value: "one" (activation 1), "typical" (mean + std of the unit's training activations), or a
     number. Raises ValueError for another string.
@@ -73,7 +155,34 @@ def unit_embeddings(encoder: NeuronEncoder, value: str | float = "one", batch_si
         rows.append(encoder(x) - base)
     emb = F.normalize(torch.cat(rows), dim=-1)
     emb[encoder.constant_mask] = 0.0
-    return emb
+    return UnitEmbeddings(emb, UnitProvenance.from_encoder_meta(encoder.meta))
+
+
+def check_unit_embeddings(unit_emb_ud: torch.Tensor, *, n_units: int | None = None, model: str | None = None,
+                          layer: str | None = None, unit_kind: str | None = None, sae: str | None = None) -> None:
+    """Raise ValueError unless unit embeddings (U, D) fit where they are about to be used.
+
+    n_units: how many units (or SAE features) there are there: U must equal it (any tensor).
+    model (store.model_identity of the target), layer, unit_kind, sae (TopKSAE.fingerprint): must
+    equal the provenance of UnitEmbeddings (a plain tensor carries none, so only U is checked);
+    arguments left None, and provenance fields that are None, are not checked. The message names
+    what the embeddings were made for and what they are used for.
+    """
+    if unit_emb_ud.ndim != 2:
+        raise ValueError(f"unit embeddings must be (U, D), got shape {tuple(unit_emb_ud.shape)}")
+    provenance = getattr(unit_emb_ud, "provenance", None)
+    if provenance is not None:
+        used = {"model": model, "layer": layer, "unit_kind": unit_kind, "sae": sae}
+        wrong = {key: value for key, value in used.items()
+                 if value is not None and getattr(provenance, key) is not None and getattr(provenance, key) != value}
+        if wrong:
+            made = ", ".join(f"{key}={getattr(provenance, key)!r}" for key in wrong)
+            raise ValueError(f"these unit embeddings were made for {made}, but are used for "
+                             f"{', '.join(f'{key}={value!r}' for key, value in wrong.items())}")
+    if n_units is not None and unit_emb_ud.shape[0] != n_units:
+        where = f" at layer {layer!r}" if layer is not None else ""
+        raise ValueError(f"the unit embeddings have {unit_emb_ud.shape[0]} rows, but there are {n_units} "
+                         f"{unit_kind or 'unit'}s{where}: they were made for other units")
 
 
 def top_k(scores: torch.Tensor, tau: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,7 +40,6 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -256,20 +255,16 @@ def _iter_vectors(store: ActivationStore, field_name: str, n_prefix: int, includ
                   val_fraction: float, seed: int, held_out: bool, shard_order: Sequence[int] | None = None,
                   ) -> Iterator[torch.Tensor]:
     """Yield, per shard (in ``shard_order``), the (M, D) vectors of its training or held-out
-    images. One shard in memory at a time; the shards were verified by ``store.iter_shards``."""
-    offsets = [0]
-    for shard in store.meta["shards"]:
-        offsets.append(offsets[-1] + shard["n"])
-    order = range(len(store.meta["shards"])) if shard_order is None else shard_order
-    for si in order:
+    images. One shard in memory at a time, each checked against its sha256 by the store."""
+    offsets = store.row_offsets
+    for si in range(len(offsets)) if shard_order is None else shard_order:
         acts = _read_shard(store, si, [field_name])[field_name]
         yield _shard_vectors(acts, offsets[si], n_prefix, include_prefix, val_fraction, seed, held_out)
 
 
 def _read_shard(store: ActivationStore, index: int, fields: Sequence[str]) -> dict[str, torch.Tensor]:
-    """One shard's fields (the store was verified by iter_shards before)."""
-    with safe_open(store.dir / store.meta["shards"][index]["file"], framework="pt") as f:
-        return {k: f.get_tensor(k) for k in fields}
+    """``store.read_shard`` (the single point where training reads shards; tests spy on it)."""
+    return store.read_shard(index, fields)
 
 
 # --------------------------------------------------------------------------------------------

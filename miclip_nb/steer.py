@@ -11,6 +11,11 @@ the unedited model; average over classes. Where the model is a chain of modules 
 (timm ViT blocks, ResNet stages, the toy models), :func:`cached_class_deltas` gives the same table
 from one full pass that caches the layer's outputs, then runs only the rest of the network
 (:func:`tail_module`) per intervention.
+
+No image gets a class from NaN: every forward pass screens its batch (pixels and logits, see
+:mod:`miclip_nb._checks`). Images with non-finite pixels, or on which the model computes
+non-finite logits, raise :class:`NonFiniteInputError` naming them, or, with ``on_bad="skip"``,
+are left out with a warning that names them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import resolve_layer
+from ._checks import NonFiniteInputError, check_on_bad, describe_indices, nonfinite_batch, nonfinite_rows, report_nonfinite
 from ._progress import bars_off
 
 MODES = ("scale", "shift")
@@ -89,17 +95,48 @@ def intervene(model: nn.Module, layer: str, units, mode: str = "scale", beta: fl
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256, device: str | torch.device | None = None) -> torch.Tensor:
-    """Predicted class for each image: images (N, 3, H, W) -> (N,) long (on CPU)."""
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+def _screened_forward(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int,
+                      device: torch.device, index: torch.Tensor | None = None,
+                      after_batch: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``forward`` over ``inputs`` (or the rows ``index`` of it) batch by batch, under autocast on
+    CUDA. Returns (argmax of the outputs (M,) on CPU, (M,) bool non-finite inputs, (M,) bool finite
+    inputs but non-finite outputs); ``after_batch()`` runs after each forward."""
+    n = inputs.shape[0] if index is None else index.numel()
+    bad_inputs, bad_outputs = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
     preds = []
-    for start in range(0, images.shape[0], batch_size):
+    for start in range(0, n, batch_size):
+        rows = slice(start, start + batch_size)
+        x = (inputs[rows] if index is None else inputs[index[rows]]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            preds.append(model(images[start : start + batch_size].to(device)).argmax(-1).cpu())
-    return torch.cat(preds)
+            logits = forward(x)
+        found = nonfinite_batch(x, logits)
+        if found is not None:
+            bad_inputs[rows], bad_outputs[rows] = found
+        preds.append(logits.argmax(-1).cpu())
+        if after_batch is not None:
+            after_batch()
+    return (torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)), bad_inputs, bad_outputs
+
+
+def _screened_predictions(forward, inputs: torch.Tensor, batch_size: int, device: torch.device, on_bad: str,
+                          after_batch: Callable[[], None] | None = None) -> torch.Tensor:
+    """Predictions (N,) with -1 for the images :func:`report_nonfinite` leaves out (or raises on)."""
+    preds, bad_inputs, bad_outputs = _screened_forward(forward, inputs, batch_size, device, after_batch=after_batch)
+    keep = report_nonfinite(bad_inputs, bad_outputs, on_bad, stacklevel=4)
+    return preds.masked_fill(~keep, -1)
+
+
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256, device: str | torch.device | None = None,
+            *, on_bad: str = "raise") -> torch.Tensor:
+    """Predicted class for each image: images (N, 3, H, W) -> (N,) long (on CPU).
+
+    An image whose pixels or logits hold NaN or inf gets no class: ``on_bad="raise"`` (default)
+    raises NonFiniteInputError naming those images; ``"skip"`` warns naming them and predicts -1
+    for them. Raises ValueError for another ``on_bad``.
+    """
+    check_on_bad(on_bad)
+    device = torch.device(device) if device is not None else _model_device(model)
+    return _screened_predictions(model, images, batch_size, device, on_bad)
 
 
 def class_deltas(
@@ -116,6 +153,7 @@ def class_deltas(
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = False,
+    on_bad: str = "raise",
 ) -> pd.DataFrame:
     """Per-class effect of editing each class's selected units.
 
@@ -123,35 +161,49 @@ def class_deltas(
     For class c: accuracy on its images before/after, and the share of up to ``n_other`` other-class
     images (a seeded sample) predicted as c before/after. ``edit_factory(units, mode, beta)``
     builds the edit (default :func:`neuron_edit`; SAE features pass their own).
+    on_bad: what to do with images whose pixels or unedited logits are NaN or inf: "raise"
+    (default) or "skip" (left out of every row, with a warning naming them).
     Returns a DataFrame with columns class, n, acc_base, acc_edit, delta_acc, to_class_base,
     to_class_edit, flip_to_class (all in percent).
+    Raises NonFiniteInputError for such images (``on_bad="raise"``), and whenever an edit makes the
+    logits of a kept image non-finite; ValueError for another ``on_bad``.
     """
     labels = torch.as_tensor(labels)
-    base_pred = predict(model, images, batch_size)
+    base_pred = predict(model, images, batch_size, on_bad=on_bad)
     make_edit = edit_factory or neuron_edit
+    device = _model_device(model)
 
-    def predict_edited(idx: torch.Tensor, units) -> torch.Tensor:
+    def predict_edited(idx: torch.Tensor, units) -> tuple[torch.Tensor, torch.Tensor]:
         with edit_layer(model, layer, make_edit(units, mode, beta)):
-            return predict(model, images[idx], batch_size)
+            preds, bad_inputs, bad_outputs = _screened_forward(model, images, batch_size, device, index=idx)
+        return preds, bad_inputs | bad_outputs
 
     return _per_class_deltas(base_pred, labels, selection, predict_edited, n_other, seed, f"{mode} x{beta}", progress)
 
 
 def _per_class_deltas(base_pred: torch.Tensor, labels: torch.Tensor, selection: Mapping[int, torch.Tensor],
-                      predict_edited: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_other: int, seed: int,
-                      desc: str, progress: bool) -> pd.DataFrame:
-    """The rows of :func:`class_deltas`, given the unedited predictions and a function
-    ``(image indices, units) -> predictions under the edit of those units``."""
+                      predict_edited: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                      n_other: int, seed: int, desc: str, progress: bool) -> pd.DataFrame:
+    """The rows of :func:`class_deltas`, given the unedited predictions (-1: image left out) and a
+    function ``(image indices, units) -> (predictions under the edit of those units, (M,) bool
+    non-finite)``. Raises NonFiniteInputError when an edit makes a kept image's logits non-finite."""
     gen = torch.Generator().manual_seed(seed)
+    kept = base_pred >= 0
     rows = []
     for c, units in tqdm(selection.items(), desc=desc, disable=bars_off(progress)):
-        own = torch.nonzero(labels == c).flatten()
+        own = torch.nonzero((labels == c) & kept).flatten()
         if own.numel() == 0:
             continue
-        others = torch.nonzero(labels != c).flatten()
+        others = torch.nonzero((labels != c) & kept).flatten()
         others = others[torch.randperm(others.numel(), generator=gen)[:n_other]]
         idx = torch.cat([own, others])
-        pred = predict_edited(idx, units)
+        pred, bad = predict_edited(idx, units)
+        if bool(bad.any()):
+            raise NonFiniteInputError(
+                f"editing the units of class {int(c)} ({desc}) makes the model's logits NaN or inf for "
+                f"{describe_indices(idx[bad].tolist())} (of {idx.numel()} images) whose unedited logits are finite; "
+                "check the edit's mode and beta",
+                idx[bad].tolist())
         own_pred, other_pred = pred[: own.numel()], pred[own.numel():]
         acc_base = float((base_pred[own] == c).float().mean()) * 100
         acc_edit = float((own_pred == c).float().mean()) * 100
@@ -306,6 +358,12 @@ def _recorded_output(model: nn.Module, layer: str) -> Iterator[dict[str, torch.T
 def _check_tail(model: nn.Module, layer: str, tail: ModelTail, example: torch.Tensor, atol: float) -> None:
     with torch.no_grad(), _recorded_output(model, layer) as captured:
         full = model(example)
+    bad = nonfinite_rows(full)
+    if bool(bad.any()):  # NaN never compares equal: the split could not be checked
+        raise NonFiniteInputError(
+            f"cannot check a split of {type(model).__name__} at {layer!r}: its logits are NaN or inf on "
+            f"{describe_indices(torch.nonzero(bad).flatten().tolist())} of the example; pass an example on "
+            "which they are finite", torch.nonzero(bad).flatten().tolist())
     try:
         with torch.no_grad():
             rest = tail(captured["out"])
@@ -323,20 +381,23 @@ def _check_tail(model: nn.Module, layer: str, tail: ModelTail, example: torch.Te
         )
 
 
-@torch.no_grad()
 def cache_layer_outputs(model: nn.Module, images: torch.Tensor, layer: str, batch_size: int = 256,
-                        device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        device: str | torch.device | None = None, *, on_bad: str = "raise") -> tuple[torch.Tensor, torch.Tensor]:
     """One full forward pass over ``images`` (N, 3, H, W): (``layer``'s outputs (N, ...) on CPU,
-    predicted classes (N,)). The outputs are kept whole (N x C x H x W values: mind the memory)."""
+    predicted classes (N,)). The outputs are kept whole (N x C x H x W values: mind the memory).
+
+    Images with NaN or inf pixels or logits: ``on_bad="raise"`` (default) raises
+    NonFiniteInputError naming them; ``"skip"`` warns naming them and predicts -1 for them (their
+    cached outputs are left as computed and never used by :func:`cached_class_deltas`).
+    """
+    check_on_bad(on_bad)
     device = torch.device(device) if device is not None else _model_device(model)
-    acts, preds = [], []
+    acts = []
     with _recorded_output(model, layer) as captured:
-        for start in range(0, images.shape[0], batch_size):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(images[start : start + batch_size].to(device))
-            preds.append(logits.argmax(-1).cpu())
-            acts.append(captured["out"].cpu())  # in its own dtype (bf16 under autocast), as the full pass hands it on
-    return torch.cat(acts), torch.cat(preds)
+        # each layer output in its own dtype (bf16 under autocast), as the full pass hands it on
+        preds = _screened_predictions(model, images, batch_size, device, on_bad,
+                                      after_batch=lambda: acts.append(captured["out"].cpu()))
+    return torch.cat(acts), preds
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -359,31 +420,32 @@ def cached_class_deltas(
     batch_size: int = 256,
     progress: bool = False,
     cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    on_bad: str = "raise",
 ) -> pd.DataFrame:
     """:func:`class_deltas` computed from cached layer outputs: one full forward pass records
     ``layer``'s outputs, then each edit runs only the part of the model after ``layer``
-    (:func:`tail_module`). Same arguments and result as :func:`class_deltas`.
+    (:func:`tail_module`). Same arguments, result and errors as :func:`class_deltas`.
 
     cache: ``(layer outputs, base predictions)`` from :func:`cache_layer_outputs`, to reuse them
-    across calls (several betas, selectors or seeds). Raises SplitError when the model cannot be
+    across calls (several betas, selectors or seeds); images it predicts -1 (left out when it was
+    built with ``on_bad="skip"``) are left out here too. Raises SplitError when the model cannot be
     split at ``layer`` (then use :func:`class_deltas`).
     """
     labels = torch.as_tensor(labels)
+    check_on_bad(on_bad)
     device = _model_device(model)
-    tail = tail_module(model, layer, images[:2].to(device))
-    acts, base_pred = cache if cache is not None else cache_layer_outputs(model, images, layer, batch_size, device)
+    # Any finite input traces the split; the images' own NaN and inf are reported by the cache pass.
+    example = torch.nan_to_num(images[:2], nan=0.0, posinf=0.0, neginf=0.0)
+    tail = tail_module(model, layer, example.to(device))
+    acts, base_pred = cache if cache is not None else cache_layer_outputs(model, images, layer, batch_size, device,
+                                                                          on_bad=on_bad)
     if acts.shape[0] != labels.shape[0]:
         raise ValueError(f"the cache holds {acts.shape[0]} images for {labels.shape[0]} labels")
     make_edit = edit_factory or neuron_edit
 
-    @torch.no_grad()
-    def predict_edited(idx: torch.Tensor, units) -> torch.Tensor:
+    def predict_edited(idx: torch.Tensor, units) -> tuple[torch.Tensor, torch.Tensor]:
         edit = make_edit(units, mode, beta)
-        preds = []
-        for start in range(0, idx.numel(), batch_size):
-            x = acts[idx[start : start + batch_size]].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                preds.append(tail(edit(x)).argmax(-1).cpu())
-        return torch.cat(preds)
+        preds, bad_inputs, bad_outputs = _screened_forward(lambda x: tail(edit(x)), acts, batch_size, device, index=idx)
+        return preds, bad_inputs | bad_outputs
 
     return _per_class_deltas(base_pred, labels, selection, predict_edited, n_other, seed, f"{mode} x{beta} (cached)", progress)

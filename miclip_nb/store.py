@@ -7,10 +7,15 @@ of ``shard_size`` rows inside a folder named by a hash of everything that determ
 
 - a different model, layer, dataset or transform gets a different folder: nothing is ever stale;
 - an interrupted pass resumes from its last complete shard;
-- every shard's sha256 is recorded in ``metadata.json`` and checked before the shard is first read;
-  a corrupt, truncated or missing shard raises StoreError (and is rewritten by the next build);
+- every shard's sha256 is recorded in ``metadata.json`` and checked before the shard is first read,
+  and again whenever the file changed since (its size, times or inode differ); a corrupt,
+  truncated or missing shard raises StoreError (and is rewritten by the next build);
   an edited or unreadable ``metadata.json`` raises too (and the next build starts the store over);
-- memory is bounded by one shard, whatever the dataset size.
+- memory is bounded by one shard, whatever the dataset size;
+- ``build_store(..., on_error="skip")`` leaves unreadable images out (listed in ``metadata.json``
+  under ``"skipped"``); the field ``"index"`` gives each row's dataset index. It is derived from
+  that list rather than stored in the shards, so the same shard files also serve, hard-linked, as
+  the store of the dataset with those files deleted (:meth:`FileListDataset.without`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -32,12 +38,18 @@ from tqdm.auto import tqdm
 
 from ._paths import cache_dir, sha256_file
 from .capture import POOLINGS, forward_checked, hooked_activations, resolve_layer
-from .datasets import PairedTransform
+from .datasets import PairedTransform, UnreadableImageError
 from .embed import state_fingerprint
 from ._progress import bars_off
 
 SCHEMA_VERSION = 1
 METADATA = "metadata.json"
+INDEX_FIELD = "index"  # each row's dataset index (int64), in stores made by build_store
+ROW_KEY = "_row"  # each row's position in the store, in batches of iter_batches(with_rows=True)
+ON_ERROR = ("raise", "skip")
+# A file changed within this long of its last change can keep its size, times and inode (coarse
+# file-system clocks), so a shard verified that young is verified again at its next read.
+_RACY_WINDOW_NS = 2_000_000_000
 
 
 class StoreError(RuntimeError):
@@ -85,6 +97,37 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _signature(path: Path) -> tuple[int, int, int, int] | None:
+    """(size, mtime_ns, ctime_ns, inode) of a file, or None when it is missing."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _check_shard(store_dir: Path, shard: dict) -> tuple[int, int, int, int]:
+    """Check a shard file's size and sha256 against its metadata entry; return the signature it
+    had before the check. Raises StoreError naming the shard when it is missing or corrupt."""
+    path = store_dir / shard["file"]
+    sig = _signature(path)
+    if sig is None:
+        raise StoreError(f"store {store_dir}: shard {shard['file']} is missing")
+    if sig[0] != shard["bytes"] or sha256_file(path) != shard["sha256"]:
+        raise StoreError(
+            f"store {store_dir}: shard {shard['file']} is corrupt (size or sha256 differ); "
+            "run build_store again with the same arguments to rewrite it"
+        )
+    return sig
+
+
+def _dataset_indices(rows: torch.Tensor, skipped: Sequence[int]) -> torch.Tensor:
+    """Dataset index of each store row (int64), rows being the dataset's items in order less the
+    ``skipped`` indices: row r is item r + (number of skipped s with s - #skipped below s <= r)."""
+    s = torch.tensor(sorted(skipped), dtype=torch.long)
+    return rows + torch.searchsorted(s - torch.arange(len(s)), rows, right=True)
+
+
 class ActivationStore:
     """Read access to a store folder. Use :func:`build_store` to make one, or ``ActivationStore(dir)``."""
 
@@ -106,14 +149,19 @@ class ActivationStore:
             self.spec = StoreSpec(**spec)
         except (KeyError, TypeError, ValueError) as err:
             raise StoreError(f"store {self.dir}: {METADATA} was edited (its spec is not valid: {err})") from err
-        self._verified: set[str] = set()  # shards whose sha256 was checked by this reader
+        self._verified: dict[str, tuple] = {}  # shard file -> signature when this reader checked its sha256
         if self.meta.get("key") != self.spec.key:
             raise StoreError(f"store {self.dir}: metadata.json was edited (its spec no longer hashes to its key)")
 
     @property
+    def skipped(self) -> list[dict]:
+        """Images left out as unreadable (``build_store(on_error="skip")``): ``{"index", "file"}`` each."""
+        return list(self.meta.get("skipped", []))
+
+    @property
     def complete(self) -> bool:
-        """True when every image of the spec has been written."""
-        return bool(self.meta.get("complete")) and self.n_rows == self.spec.n_items
+        """True when every image of the spec has been written (or skipped as unreadable)."""
+        return bool(self.meta.get("complete")) and self.n_rows + len(self.skipped) == self.spec.n_items
 
     @property
     def n_rows(self) -> int:
@@ -121,51 +169,87 @@ class ActivationStore:
         return sum(s["n"] for s in self.meta["shards"])
 
     @property
+    def row_offsets(self) -> list[int]:
+        """The global row index of each shard's first row."""
+        offsets, total = [], 0
+        for shard in self.meta["shards"]:
+            offsets.append(total)
+            total += shard["n"]
+        return offsets
+
+    @property
     def fields(self) -> dict[str, list[int]]:
-        """Field name -> per-row shape (e.g. ``{"acts/stages.2": [128], "label": []}``)."""
-        return {k: v["shape"] for k, v in self.meta["fields"].items()}
+        """Field name -> per-row shape (e.g. ``{"acts/stages.2": [128], "label": [], "index": []}``)."""
+        fields = {k: v["shape"] for k, v in self.meta["fields"].items()}
+        if "skipped" in self.meta:  # written by build_store
+            fields[INDEX_FIELD] = []
+        return fields
 
     @property
     def layers(self) -> tuple[str, ...]:
         return self.spec.layers
 
     def verify(self) -> None:
-        """Check every shard's size and sha256. Raises StoreError naming the first bad shard."""
+        """Check every shard's size and sha256 (a file this reader checked before is hashed again only
+        if it changed since). Raises StoreError naming the first bad shard."""
         for shard in self.meta["shards"]:
             self._verify_shard(shard)
 
-    def _verify_shard(self, shard: dict) -> Path:
-        path = self.dir / shard["file"]
-        if shard["file"] in self._verified:
-            return path
-        if not path.is_file():
-            raise StoreError(f"store {self.dir}: shard {shard['file']} is missing")
-        if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
-            raise StoreError(
-                f"store {self.dir}: shard {shard['file']} is corrupt (size or sha256 differ); "
-                "run build_store again with the same arguments to rewrite it"
-            )
-        self._verified.add(shard["file"])
-        return path
+    def _verify_shard(self, shard: dict) -> tuple[Path, tuple]:
+        """The shard's path and signature, its sha256 checked unless this reader checked the file
+        in exactly this state (same size, times and inode) before."""
+        path, sig = self.dir / shard["file"], _signature(self.dir / shard["file"])
+        if sig is not None and self._verified.get(shard["file"]) == sig:
+            return path, sig
+        self._verified.pop(shard["file"], None)
+        sig = _check_shard(self.dir, shard)
+        if time.time_ns() - max(sig[1], sig[2]) > _RACY_WINDOW_NS:
+            self._verified[shard["file"]] = sig
+        return path, sig
 
     def _require_complete(self) -> None:
         if not self.complete:
             raise StoreError(
-                f"store {self.dir} is incomplete ({self.n_rows}/{self.spec.n_items} images); "
+                f"store {self.dir} is incomplete ({self.n_rows + len(self.skipped)}/{self.spec.n_items} images); "
                 "run build_store again with the same arguments to resume it"
             )
 
-    def iter_shards(self, fields: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield one dict ``{field: (n_shard, ...) tensor}`` per shard, in order (bounded memory)."""
-        self._require_complete()
-        names = list(fields) if fields is not None else list(self.meta["fields"])
-        unknown = [f for f in names if f not in self.meta["fields"]]
+    def _field_names(self, fields: Sequence[str] | None) -> list[str]:
+        names = list(fields) if fields is not None else list(self.fields)
+        unknown = [f for f in names if f not in self.fields]
         if unknown:
-            raise KeyError(f"store has no field(s) {unknown}; fields: {list(self.meta['fields'])}")
-        for shard in self.meta["shards"]:
-            # Checked on first read (one extra pass over the file): a corrupt shard is never used.
-            with safe_open(self._verify_shard(shard), framework="pt") as f:
-                yield {name: f.get_tensor(name) for name in names}
+            raise KeyError(f"store has no field(s) {unknown}; fields: {list(self.fields)}")
+        return names
+
+    def read_shard(self, index: int, fields: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """One shard as ``{field: (n_shard, ...) tensor}`` (default: every field).
+
+        The file's sha256 is checked first: at this reader's first read of it, and again whenever
+        the file changed since. Raises StoreError for an incomplete store or a missing, corrupt or
+        changing shard (naming it), KeyError for an unknown field, IndexError for a bad index.
+        """
+        self._require_complete()
+        names = self._field_names(fields)
+        shard = self.meta["shards"][index]
+        for _ in range(2):  # a file replaced while being read is checked and read again
+            path, sig = self._verify_shard(shard)
+            with safe_open(path, framework="pt") as f:
+                data = {name: f.get_tensor(name) for name in names if name != INDEX_FIELD}
+            if _signature(path) == sig:
+                break
+        else:
+            raise StoreError(f"store {self.dir}: shard {shard['file']} keeps changing while being read")
+        if INDEX_FIELD in names:
+            rows = torch.arange(shard["n"]) + self.row_offsets[index]
+            data[INDEX_FIELD] = _dataset_indices(rows, [s["index"] for s in self.skipped])
+        return {name: data[name] for name in names}
+
+    def iter_shards(self, fields: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield :meth:`read_shard` of every shard, in order (bounded memory)."""
+        self._require_complete()
+        names = self._field_names(fields)
+        for index in range(len(self.meta["shards"])):
+            yield self.read_shard(index, names)
 
     def load(self, field: str) -> torch.Tensor:
         """The whole field as one tensor (N, ...). For stores that fit in memory."""
@@ -176,24 +260,28 @@ class ActivationStore:
         return self.load(acts_field(layer or self.layers[0]))
 
     def iter_batches(
-        self, fields: Sequence[str], batch_size: int, *, shuffle: bool = False, seed: int = 0
+        self, fields: Sequence[str], batch_size: int, *, shuffle: bool = False, seed: int = 0, with_rows: bool = False
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Mini-batches over the store, one shard in memory at a time.
+        """Mini-batches ``{field: (B, ...) tensor}`` over the store, one shard in memory at a time.
 
-        With ``shuffle``, shard order and rows within each shard are permuted by ``seed``.
+        With ``shuffle``, shard order and rows within each shard are permuted by ``seed``. With
+        ``with_rows``, each batch also holds ``ROW_KEY`` (``"_row"``): the (B,) int64 global row
+        indices of its rows. Raises as :meth:`read_shard`.
         """
-        gen = torch.Generator().manual_seed(seed)
-        shard_order = torch.randperm(len(self.meta["shards"]), generator=gen) if shuffle else range(len(self.meta["shards"]))
         self._require_complete()
+        gen = torch.Generator().manual_seed(seed)
+        n_shards, offsets = len(self.meta["shards"]), self.row_offsets
+        shard_order = torch.randperm(n_shards, generator=gen).tolist() if shuffle else range(n_shards)
         for si in shard_order:
-            shard = self.meta["shards"][int(si)]
-            with safe_open(self._verify_shard(shard), framework="pt") as f:
-                data = {name: f.get_tensor(name) for name in fields}
-            n = shard["n"]
+            data = self.read_shard(si, fields)
+            n = self.meta["shards"][si]["n"]
             order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
-                yield {k: v[idx] for k, v in data.items()}
+                batch = {k: v[idx] for k, v in data.items()}
+                if with_rows:
+                    batch[ROW_KEY] = idx + offsets[si]
+                yield batch
 
     def __repr__(self) -> str:
         return f"ActivationStore({self.dir}, layers={list(self.layers)}, rows={self.n_rows}/{self.spec.n_items})"
@@ -223,10 +311,15 @@ class StoreWriter:
         return sum(s["n"] for s in self.meta["shards"]) + self._buffered
 
     def append(self, rows: dict[str, torch.Tensor]) -> None:
-        """Add a batch: ``{field: (n, ...) tensor}``, the same n for every field."""
+        """Add a batch: ``{field: (n, ...) tensor}``, the same n for every field.
+
+        Raises ValueError for different row counts or a reserved field name ("index", "_row").
+        """
         lengths = {v.shape[0] for v in rows.values()}
         if len(lengths) != 1:
             raise ValueError(f"fields have different row counts: { {k: v.shape[0] for k, v in rows.items()} }")
+        if INDEX_FIELD in rows or ROW_KEY in rows:
+            raise ValueError(f"{INDEX_FIELD!r} and {ROW_KEY!r} are reserved field names")
         for k, v in rows.items():
             self._buffer.setdefault(k, []).append(v.detach().cpu())
         self._buffered += lengths.pop()
@@ -249,6 +342,10 @@ class StoreWriter:
         self._buffer = rest
         self._buffered -= n
 
+    def skip(self, index: int, file: str | None) -> None:
+        """Record dataset item ``index`` (read from ``file``) as left out of the store."""
+        self.meta.setdefault("skipped", []).append({"index": int(index), "file": file})
+
     def __enter__(self) -> "StoreWriter":
         return self
 
@@ -256,27 +353,87 @@ class StoreWriter:
         if exc_type is None:
             if self._buffered:
                 self._flush(self._buffered)
-            self.meta["complete"] = self.n_rows == self.spec.n_items
+            self.meta["complete"] = self.n_rows + len(self.meta.get("skipped", [])) == self.spec.n_items
             _write_json_atomic(self.dir / METADATA, self.meta)
         # On an error the partial shard in memory is dropped; complete shards stay for resuming.
 
 
 def _truncate_to_valid(store_dir: Path) -> int:
-    """Drop shards that are missing or corrupt (and all after them); return the rows kept."""
+    """Drop shards that are missing or corrupt (and all after them), and the skipped images
+    recorded after the last kept row; return the dataset index to resume from."""
     meta_path = store_dir / METADATA
     meta = json.loads(meta_path.read_text())
     kept = []
     for shard in meta["shards"]:
-        path = store_dir / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
+        try:
+            _check_shard(store_dir, shard)
+        except StoreError:
             break
         kept.append(shard)
     for shard in meta["shards"][len(kept):]:
         (store_dir / shard["file"]).unlink(missing_ok=True)
-    if len(kept) != len(meta["shards"]):
+    rows, skipped = sum(s["n"] for s in kept), meta.get("skipped", [])
+    start = int(_dataset_indices(torch.tensor([rows - 1]), [s["index"] for s in skipped])) + 1 if rows else 0
+    before = [s for s in skipped if s["index"] < start]
+    if len(kept) != len(meta["shards"]) or len(before) != len(skipped):
         meta["shards"], meta["complete"] = kept, False
+        if "skipped" in meta:
+            meta["skipped"] = before
         _write_json_atomic(meta_path, meta)
-    return sum(s["n"] for s in kept)
+    return start
+
+
+class _Items(torch.utils.data.Dataset):
+    """Items ``start..stop-1`` of a PairedTransform as ``(dataset index, item)``; with ``skip``,
+    an unreadable image gives ``(dataset index, error text)`` instead of raising."""
+
+    def __init__(self, paired: PairedTransform, start: int, stop: int, skip: bool):
+        self.paired, self.start, self.stop, self.skip = paired, start, stop, skip
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        try:
+            return self.start + i, self.paired[self.start + i]
+        except UnreadableImageError as err:
+            if not self.skip:
+                raise
+            return self.start + i, str(err)
+
+
+def _collate(items: list) -> tuple:
+    """(batch of the readable items or None, [(dataset index, error text)] of the unreadable ones)."""
+    good = [item for _, item in items if not isinstance(item, str)]
+    bad = [(index, item) for index, item in items if isinstance(item, str)]
+    return (torch.utils.data.default_collate(good) if good else None), bad
+
+
+def _register_without_skipped(store: "ActivationStore", dataset) -> None:
+    """File a store that skipped unreadable images also under its key for
+    ``dataset.without(skipped)``, so that listing the folder again after deleting those files
+    reuses it. Its shards are hard links to this store's (copies where links fail)."""
+    if not store.skipped or not hasattr(dataset, "without"):
+        return
+    derived = dataset.without([s["index"] for s in store.skipped])
+    spec = replace(store.spec, dataset=derived.fingerprint, n_items=store.spec.n_items - len(store.skipped))
+    out = store.dir.parent / spec.key
+    try:
+        if ActivationStore(out).complete:
+            return
+    except StoreError:
+        pass
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for shard in store.meta["shards"]:
+        try:
+            os.link(store.dir / shard["file"], tmp / shard["file"])
+        except OSError:
+            shutil.copy2(store.dir / shard["file"], tmp / shard["file"])
+    _write_json_atomic(tmp / METADATA, {**store.meta, "key": spec.key, "spec": asdict(spec), "skipped": []})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def describe_transform(transform) -> str:
@@ -333,14 +490,25 @@ def build_store(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    on_error: str = "raise",
 ) -> ActivationStore:
     """Capture ``layers`` of ``target`` over ``dataset`` into a store, or reuse/resume an existing one.
 
     target: a zoo.TargetModel; dataset: yields (PIL image, label) and has ``fingerprint``;
     layers: names (default ``target.default_layer``); clip: an EmbeddingBackend or None.
+    on_error: what an unreadable image does: ``"raise"`` (UnreadableImageError naming the file)
+    or ``"skip"`` (a warning naming it; the image is left out and listed in ``metadata.json``
+    under ``"skipped"``; the field ``"index"`` maps rows to dataset indices). After skipping, the
+    store is also filed under the key of ``dataset.without(skipped)`` (folder datasets), so
+    deleting the unreadable files does not recapture it. on_error is not part of the store's key
+    (a store that skipped nothing is the same either way); ``"raise"`` refuses one that skipped.
     Stores land in ``root`` (default ``cache_dir()/stores``)/<spec key>. Returns the complete store.
-    Raises LayerNotFoundError before any work for an unknown layer.
+    Raises LayerNotFoundError before any work for an unknown layer; UnreadableImageError with
+    ``on_error="raise"`` for an unreadable image, also one a reused store skipped, and whenever
+    no image at all can be read.
     """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if layers is None:
         if target.default_layer is None:
             raise ValueError("name the layers to capture (this model has no default layer)")
@@ -361,25 +529,40 @@ def build_store(
             warnings.warn(f"{err}; deleting it and rebuilding the store from scratch", stacklevel=2)
         if existing is None or existing.spec != spec:
             shutil.rmtree(store_dir)  # a hash collision or a hand-edited folder: never reuse it
+        elif on_error == "raise" and existing.skipped:
+            files = [s["file"] or f"item {s['index']}" for s in existing.skipped]
+            raise UnreadableImageError(f"cannot read image(s) {files}: store {store_dir} was built with "
+                                       "on_error='skip' and leaves them out; pass on_error='skip' to use it")
         elif existing.complete:
             try:
                 existing.verify()
-                return existing
             except StoreError as err:  # rewritten below from the first bad shard on
                 warnings.warn(f"{err}; rewriting it", stacklevel=2)
-    done = _truncate_to_valid(store_dir) if (store_dir / METADATA).is_file() else 0
+            else:
+                _register_without_skipped(existing, dataset)
+                return existing
+    start = _truncate_to_valid(store_dir) if (store_dir / METADATA).is_file() else 0
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = target.module.to(device).eval()
-    remaining = torch.utils.data.Subset(dataset, range(done, spec.n_items))
+    paired = PairedTransform(dataset, target.preprocess, None if clip is None else clip.preprocess)
     loader = torch.utils.data.DataLoader(
-        PairedTransform(remaining, target.preprocess, None if clip is None else clip.preprocess),
-        batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
+        _Items(paired, start, spec.n_items, skip=on_error == "skip"), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda",
     )
+    files = getattr(dataset, "files", None)
     with StoreWriter(store_dir, spec, shard_size) as writer, hooked_activations(model, layers, pooling) as captured, torch.no_grad():
-        bar = tqdm(loader, desc=f"capture {','.join(layers)}", initial=done // batch_size,
+        writer.meta["on_error"] = on_error
+        writer.meta.setdefault("skipped", [])
+        bar = tqdm(loader, desc=f"capture {','.join(layers)}", initial=start // batch_size,
                    total=(spec.n_items + batch_size - 1) // batch_size, disable=bars_off(progress))
-        for x_model, x_clip, labels in bar:
+        for batch, unreadable in bar:
+            for index, message in unreadable:
+                warnings.warn(f"{message}; left out of the store (on_error='skip')", stacklevel=2)
+                writer.skip(index, None if files is None else str(files[index]))
+            if batch is None:
+                continue
+            x_model, x_clip, labels = batch
             x_model = x_model.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = forward_checked(model, x_model)
@@ -389,4 +572,8 @@ def build_store(
             if clip is not None:
                 rows["clip_image"] = clip.encode_images(x_clip).to(dtype)
             writer.append(rows)
-    return ActivationStore(store_dir)
+        if writer.n_rows == 0:
+            raise UnreadableImageError(f"none of the {spec.n_items} images of the dataset could be read")
+    store = ActivationStore(store_dir)
+    _register_without_skipped(store, dataset)
+    return store

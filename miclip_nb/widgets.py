@@ -16,7 +16,9 @@ import torch
 
 from . import viz
 from .capture import capture
-from .interpret import DEFAULT_TEMPERATURE, SCORINGS, concept_unit_scores, describe, encode_concepts, localize, top_k
+from .interpret import (DEFAULT_TEMPERATURE, SCORINGS, check_unit_embeddings, concept_unit_scores, describe, encode_concepts,
+                        localize, top_k)
+from .store import model_identity
 
 
 @dataclass
@@ -34,6 +36,11 @@ class ExplorerState:
     encode_text: object = None  # optional callable str -> (D,); default backend.encode_texts
     temperature: float = DEFAULT_TEMPERATURE  # the encoder's concept temperature (interpret.concept_temperature)
 
+    def __post_init__(self) -> None:
+        if self.probe_acts_nu.ndim != 2:
+            raise ValueError(f"probe_acts_nu must be (N, U) pooled activations, got shape {tuple(self.probe_acts_nu.shape)}")
+        check_unit_embeddings(self.unit_emb_ud, n_units=int(self.probe_acts_nu.shape[1]), layer=self.layer)
+
     @property
     def n_units(self) -> int:
         return int(self.unit_emb_ud.shape[0])
@@ -43,8 +50,15 @@ def build_explorer(target, backend, unit_emb_ud, vocab, vocab_emb_cd, dataset, l
                    pooling: str = "mean", unit_label: str = "neuron", batch_size: int = 128,
                    temperature: float = DEFAULT_TEMPERATURE) -> ExplorerState:
     """Capture pooled activations of the first ``n_probe`` images of ``dataset`` (yielding PIL
-    images) at ``layer`` and bundle everything the panels need. temperature: the encoder's
-    interpret.concept_temperature, for ranking by posterior."""
+    images) at ``layer`` and bundle everything the panels need.
+
+    target: a zoo.TargetModel; unit_emb_ud: (U, D) neuron embeddings of ``layer`` of that model
+    (interpret.unit_embeddings); vocab_emb_cd: (C, D); temperature: the encoder's
+    interpret.concept_temperature, for ranking by posterior. Raises ValueError when U is not the
+    layer's number of units, or when the embeddings' provenance names another model, layer or SAE
+    features (interpret.check_unit_embeddings).
+    """
+    check_unit_embeddings(unit_emb_ud, model=model_identity(target), layer=layer, unit_kind="neuron")  # before capturing
     n = min(n_probe, len(dataset))
     pil = [dataset[i][0] for i in range(n)]
     acts = []
@@ -219,11 +233,15 @@ def build_feature_state(target, layer: str, sae, unit_emb_ud: torch.Tensor, back
     backend: the EmbeddingBackend the features were aligned with; dataset: yields (PIL image,
     label); its first ``n_images`` images are the probes. A Shapes-world dataset (with
     ``sample(i).concept_masks()``) also supplies masks, so the panel reports IoU per image.
-    Raises ValueError for an empty concept list.
+    Raises ValueError for an empty concept list, when F is not the SAE's number of features, or
+    when the embeddings' provenance names another model, layer or SAE, or neurons
+    (interpret.check_unit_embeddings).
     """
     from .grounding import feature_heatmaps
     from .shapes import CONCEPTS
 
+    check_unit_embeddings(unit_emb_ud, n_units=sae.n_latents, model=model_identity(target), layer=layer,
+                          unit_kind="SAE feature", sae=sae.fingerprint)
     concepts = list(concepts)
     n = min(n_images, len(dataset))
     pil = [dataset[i][0].convert("RGB") for i in range(n)]

@@ -68,10 +68,34 @@ def test_missing_checkpoint(tmp_path):
         load_encoder(tmp_path / "nothing")
 
 
-def test_nan_activations_rejected(tmp_path):
+def test_nan_activations_rejected_naming_the_rows(tmp_path):
     store, text, _ = planted_store(tmp_path, n=600, nan=True)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="NaN") as err:
         train_encoder(store, text, config=FAST, progress=False)
+    message = str(err.value)
+    assert "1 of 600 rows" in message and "rows [5]" in message
+    assert str(store.dir) in message
+    assert "images" in message and "preprocessing" in message
+
+
+def test_nan_rows_reported_across_shards_with_dataset_indices(tmp_path):
+    """Seven bad rows in three shards: the first five and the count, mapped past a skipped image."""
+    from miclip_nb.store import ActivationStore, StoreSpec, StoreWriter, acts_field
+
+    n, bad = 300, [3, 7, 150, 151, 152, 250, 299]
+    acts = torch.randn(n, 8)
+    acts[bad, 1] = float("inf")
+    acts[bad[-1], 0] = float("nan")
+    spec = StoreSpec(model="m", layers=("layer",), pooling="mean", dataset="d", n_items=n + 1, transform="t",
+                     clip="c", clip_transform="t")
+    with StoreWriter(tmp_path, spec, shard_size=100) as writer:
+        writer.meta["skipped"] = []  # as build_store writes it: the store has dataset indices
+        writer.skip(10, "photos/img10.png")
+        writer.append({acts_field("layer"): acts, "clip_image": torch.randn(n, 4),
+                       "pred": torch.zeros(n, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"7 of 300 rows, first rows \[3, 7, 150, 151, 152\] "
+                                         r"\(dataset indices \[3, 7, 151, 152, 153\]\)"):
+        train_encoder(ActivationStore(tmp_path), torch.randn(2, 4), config=FAST, progress=False)
 
 
 def test_constant_unit_gets_zero_embedding_and_is_never_localized(tmp_path):

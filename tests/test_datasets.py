@@ -179,6 +179,63 @@ def test_unreadable_image_surfaces_from_build_store(tmp_path):
         build_store(target, open_dataset(tmp_path / "data"), "0", root=tmp_path / "stores", progress=False)
 
 
+def folder_of_nine(root):
+    files = []
+    for i in range(9):
+        files.append(root / ["a", "b", "c"][i // 3] / f"img{i}.jpg")
+        write_jpeg(files[-1], i)
+    return files
+
+
+def test_without_is_the_folder_listed_again_after_deleting_the_files(tmp_path):
+    from miclip_nb.datasets import _listing_fingerprint
+
+    files = folder_of_nine(tmp_path / "data")
+    ds = open_dataset(tmp_path / "data")
+    assert ds.without([]).fingerprint == ds.fingerprint
+    less = ds.without([4, 7])
+    for i in (4, 7):
+        files[i].unlink()
+    fresh = open_dataset(tmp_path / "data")
+    assert less.fingerprint == fresh.fingerprint != ds.fingerprint
+    assert less.files == fresh.files and less.labels == fresh.labels == [0, 0, 0, 1, 1, 2, 2]
+    assert (less.kind, less.root, less.classes) == (fresh.kind, fresh.root, fresh.classes)
+    assert (fresh.kind, fresh.root, fresh.classes) == ("folder", ds.root, ["a", "b", "c"])
+    # computed from the remaining files alone
+    assert _listing_fingerprint("folder", ds.root, fresh.files, fresh.labels) == fresh.fingerprint
+    with pytest.raises(IndexError, match="0..8"):
+        ds.without([9])
+
+
+def test_without_for_the_imagenet_sample_layout(sample_dir):
+    ds = open_dataset(sample_dir)
+    less = ds.without([1])
+    (sample_dir / SAMPLE_NAMES[1]).unlink()
+    fresh = open_dataset(sample_dir)
+    assert less.fingerprint == fresh.fingerprint and less.labels == fresh.labels == [0, 4]
+
+
+def test_deleting_a_whole_class_folder_changes_labels_and_fingerprint(tmp_path):
+    """Removing class b's folder shifts class c's label: that listing is new content, not ``without``."""
+    files = folder_of_nine(tmp_path / "data")
+    less = open_dataset(tmp_path / "data").without([3, 4, 5])
+    for f in files[3:6]:
+        f.unlink()
+    files[3].parent.rmdir()
+    fresh = open_dataset(tmp_path / "data")
+    assert fresh.files == less.files and fresh.labels != less.labels
+    assert fresh.fingerprint != less.fingerprint
+
+
+def test_without_on_a_dataset_with_its_own_fingerprint(sample_dir):
+    from miclip_nb.datasets import FileListDataset
+
+    full = open_dataset(sample_dir)
+    ds = FileListDataset(full.files, full.labels, full.classes, "mine")
+    assert ds.without([0]).fingerprint.startswith("mine|without:") and len(ds.without([0])) == 2
+    assert ds.without([0]).fingerprint != ds.without([1]).fingerprint
+
+
 # ---------------------------------------------------------------- the Shapes world by spec
 
 

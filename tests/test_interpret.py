@@ -1,5 +1,6 @@
 """Localize and describe: top-k contracts, vocabularies and their errors."""
 
+import copy
 import math
 
 import pytest
@@ -131,3 +132,72 @@ def test_concept_list_errors():
         validate_concepts(["Red", "red"])
     with pytest.raises(ValueError, match="not one string"):
         validate_concepts("red")
+
+
+# --------------------------------------------------------------------------------------------
+# Unit embeddings carry what they were made for
+
+
+def test_unit_embeddings_carry_their_provenance_and_behave_as_tensors(tmp_path):
+    from miclip_nb.interpret import UnitEmbeddings, UnitProvenance
+
+    enc = _linear_encoder()
+    enc.meta.update({"model": "toy_cnn:abc|weights=123", "layer": "stages.2", "pooling": "mean"})
+    emb = unit_embeddings(enc)
+    assert isinstance(emb, UnitEmbeddings)
+    assert emb.provenance == UnitProvenance("toy_cnn:abc|weights=123", "stages.2", "mean", "neuron", None)
+    # A subset or a product is no longer "the embeddings of this layer's units": plain tensors.
+    for derived in (emb[[0, 2]], emb @ torch.ones(4), F.normalize(emb, dim=-1), emb * 2, emb.T):
+        assert type(derived) is torch.Tensor
+    assert torch.equal(emb[[0, 2]], emb.as_subclass(torch.Tensor)[[0, 2]])
+    # Same units, maybe elsewhere: provenance kept, also through an in-place edit (sae.drop_rare_units).
+    for same in (emb.clone(), emb.detach(), emb.to(torch.float64), emb.cpu(), emb.float(), emb.double(), copy.deepcopy(emb)):
+        assert isinstance(same, UnitEmbeddings) and same.provenance == emb.provenance
+    edited = emb.clone()
+    edited[torch.tensor([True] + [False] * 7)] = 0.0
+    assert isinstance(edited, UnitEmbeddings) and edited[0].abs().sum() == 0 and edited.provenance == emb.provenance
+    # The library's functions take them as they are.
+    units, _ = localize(emb, emb[3], tau=1)
+    assert units.tolist() == [3]
+    # torch.save / torch.load (default weights_only=True) keep values and provenance.
+    torch.save({"emb": emb}, tmp_path / "emb.pt")
+    loaded = torch.load(tmp_path / "emb.pt")["emb"]
+    assert isinstance(loaded, UnitEmbeddings) and loaded.provenance == emb.provenance and torch.equal(loaded, emb)
+    with pytest.raises(ValueError, match="unit_kind"):
+        UnitProvenance(unit_kind="channel")
+
+
+def test_sae_feature_embeddings_name_the_model_layer_and_sae():
+    """An encoder of SAE codes holds the code store's composite model string (sae.sae_store_spec)."""
+    from miclip_nb.interpret import UnitProvenance
+    from miclip_nb.sae import sae_store_spec
+    from miclip_nb.store import StoreSpec
+    from _synthetic import random_sae
+
+    sae = random_sae(8)
+    source = StoreSpec(model="toy_vit:abc|weights=123", layers=("blocks.4",), pooling="none", dataset="shapes:train:10",
+                       n_items=10, transform="t", clip="c", clip_transform="ct")
+    spec = sae_store_spec(source, sae, "blocks.4", "max", "blocks.4:sae", 1)
+    provenance = UnitProvenance.from_encoder_meta({"model": spec.model, "layer": "blocks.4:sae", "pooling": "max"})
+    assert provenance == UnitProvenance("toy_vit:abc|weights=123", "blocks.4", "max", "SAE feature", sae.fingerprint)
+    assert UnitProvenance.from_encoder_meta({}) == UnitProvenance()  # a hand-made encoder: nothing known
+
+
+def test_check_unit_embeddings_names_both_sides():
+    from miclip_nb.interpret import UnitEmbeddings, UnitProvenance, check_unit_embeddings
+
+    plain = torch.eye(4)
+    check_unit_embeddings(plain, n_units=4, model="m", layer="stages.1")  # a plain tensor: only its width is known
+    with pytest.raises(ValueError, match=r"4 rows, but there are 6 neurons at layer 'stages.1'"):
+        check_unit_embeddings(plain, n_units=6, layer="stages.1", unit_kind="neuron")
+    with pytest.raises(ValueError, match=r"\(U, D\)"):
+        check_unit_embeddings(torch.ones(4), n_units=4)
+    emb = UnitEmbeddings(plain, UnitProvenance("m", "stages.2", "mean"))
+    check_unit_embeddings(emb, n_units=4, model="m", layer="stages.2", unit_kind="neuron", sae=None)
+    with pytest.raises(ValueError, match=r"made for layer='stages.2', but are used for layer='stages.1'"):
+        check_unit_embeddings(emb, n_units=4, model="m", layer="stages.1")
+    with pytest.raises(ValueError, match=r"made for model='m', unit_kind='neuron', but are used for model='other', "
+                                         r"unit_kind='SAE feature'"):
+        check_unit_embeddings(emb, model="other", layer="stages.2", unit_kind="SAE feature")
+    unknown = UnitEmbeddings(plain, UnitProvenance())  # fields the encoder did not record are not checked
+    check_unit_embeddings(unknown, model="other", layer="stages.1")

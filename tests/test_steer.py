@@ -182,3 +182,94 @@ def test_cache_is_not_changed_by_inplace_ops_after_the_layer():
         ref = class_deltas(model, x, labels, "0", sel, mode="shift", beta=0.3, n_other=5)
         got = cached_class_deltas(model, x, labels, "0", sel, mode="shift", beta=0.3, n_other=5)
     assert ref.equals(got)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite images never become predictions or accuracies
+
+
+class SqrtLogits(nn.Module):
+    """logits = sqrt(x) (N, C): NaN for a negative input, so finite images can give NaN logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Identity()
+
+    def forward(self, x):
+        return self.features(x).sqrt()
+
+
+def _planted(n=200, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(4).repeat(n // 4)
+    x = torch.rand(n, 4, generator=gen) * 0.8
+    x[torch.arange(n), labels] += 0.5
+    return x, labels
+
+
+def test_predict_names_images_with_non_finite_pixels_or_logits():
+    from miclip_nb.steer import NonFiniteInputError, predict
+
+    x, _ = _planted(12)
+    x[2, 1], x[5] = float("nan"), float("inf")
+    with pytest.raises(NonFiniteInputError, match=r"NaN or inf pixels in 2 images \(indices 2, 5\), among 12") as err:
+        predict(UnitPerClass(), x, batch_size=4)  # index 5 sits in the second batch: indices are global
+    assert err.value.indices == [2, 5]
+    finite = x.abs()
+    finite[7, 0] = -1.0  # finite pixels, NaN logits
+    with pytest.raises(NonFiniteInputError, match=r"logits are NaN or inf for 1 image \(index 7\) with finite pixels"):
+        predict(SqrtLogits(), finite, batch_size=4)
+    many = torch.full((12, 4), float("nan"))
+    with pytest.raises(NonFiniteInputError, match=r"12 images \(indices 0, 1, 2, 3, 4, \.\.\.\)"):
+        predict(UnitPerClass(), many)
+    with pytest.warns(UserWarning, match=r"2 images \(indices 2, 5\).*left out"):
+        pred = predict(UnitPerClass(), x, batch_size=4, on_bad="skip")
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[[2, 5]] = False
+    assert pred[~keep].tolist() == [-1, -1] and torch.equal(pred[keep], x[keep].argmax(1))
+    with pytest.raises(ValueError, match="on_bad must be one of"):
+        predict(UnitPerClass(), x, on_bad="ignore")
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_class_deltas_refuse_or_skip_non_finite_images(cached):
+    """Before: inf images of class 1 were "predicted" as class 0, so class 1's acc_base fell to a
+    plausible-looking number; the cached variant even blamed the model (SplitError) when one of them
+    came first. Now they are named, or left out exactly as if they were not there."""
+    from miclip_nb.steer import NonFiniteInputError, cached_class_deltas
+
+    deltas = cached_class_deltas if cached else class_deltas
+    x, labels = _planted()
+    bad = torch.tensor([1, 5, 9])  # class 1 images; index 1 is in the example cached_class_deltas traces
+    x[bad] = float("inf")
+    sel = selection(ScoreSelector("oracle", torch.eye(4)), range(4), tau=1)
+    with pytest.raises(NonFiniteInputError, match=r"3 images \(indices 1, 5, 9\)"):
+        deltas(UnitPerClass(), x, labels, "features", sel, beta=2.0, n_other=20)
+    with pytest.warns(UserWarning, match=r"3 images \(indices 1, 5, 9\)"):
+        skipped = deltas(UnitPerClass(), x, labels, "features", sel, beta=2.0, n_other=20, on_bad="skip")
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[bad] = False
+    clean = deltas(UnitPerClass(), x[keep], labels[keep], "features", sel, beta=2.0, n_other=20)
+    assert skipped.equals(clean)
+    assert skipped.loc[skipped["class"] == 1, "n"].item() == 47 and skipped["acc_base"].min() > 50
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_an_edit_that_makes_logits_nan_is_an_error(cached):
+    from miclip_nb.steer import NonFiniteInputError, cached_class_deltas
+
+    deltas = cached_class_deltas if cached else class_deltas
+    x, labels = _planted(40)
+    sel = {2: torch.tensor([2])}
+    for on_bad in ("raise", "skip"):  # skipping them would bias the table towards images the edit spares
+        with pytest.raises(NonFiniteInputError, match=r"editing the units of class 2 .*NaN or inf for 20 images"):
+            deltas(UnitPerClass(), x, labels, "features", sel, mode="shift", beta=float("nan"), n_other=10, on_bad=on_bad)
+
+
+def test_tail_module_says_when_the_example_gives_nan_logits():
+    from miclip_nb.steer import NonFiniteInputError, tail_module
+
+    model = nn.Sequential(nn.Identity(), nn.Identity())
+    assert tail_module(model, "0", torch.rand(2, 2)).names == ["1"]
+    with pytest.raises(NonFiniteInputError, match=r"cannot check a split .* NaN or inf on 1 image \(index 1\) of the example"):
+        tail_module(model, "0", torch.tensor([[1.0, 2.0], [float("nan"), 0.0]]))  # before: SplitError

@@ -103,7 +103,9 @@ def reference(shapes_ds, tmp_path_factory):
 
 def test_store_holds_activations_labels_predictions_and_clip(reference, shapes_ds):
     assert reference.complete and reference.n_rows == N
-    assert reference.fields == {"acts/stage": [12], "label": [], "pred": [], "clip_image": [16]}
+    assert reference.fields == {"acts/stage": [12], "label": [], "pred": [], "clip_image": [16], "index": []}
+    assert torch.equal(reference.load("index"), torch.arange(N))  # row i is dataset item i
+    assert reference.meta["on_error"] == "raise" and reference.skipped == []
     assert [s["n"] for s in reference.meta["shards"]] == [SHARD] * (N // SHARD)
     labels = reference.load("label")
     assert labels.tolist() == [shapes_ds.sample(i).shape for i in range(N)]
@@ -374,3 +376,241 @@ def test_writer_with_batches_larger_than_a_shard(tmp_path):
     assert torch.equal(store.load("x")[:, 0], torch.arange(25.0))
     with pytest.raises(ValueError, match="row counts"):
         StoreWriter(tmp_path / "other", spec, 4).append({"a": torch.zeros(2), "b": torch.zeros(3)})
+
+
+# ---------------------------------------------------------------- a shard changed under an open reader
+
+
+def copy_store(store: ActivationStore, tmp_path) -> ActivationStore:
+    import shutil
+
+    return ActivationStore(shutil.copytree(store.dir, tmp_path / store.dir.name))
+
+
+def corrupt_shard(store: ActivationStore, index: int = 2):
+    path = store.dir / store.meta["shards"][index]["file"]
+    size = path.stat().st_size
+    flip_last_bytes(path)
+    assert path.stat().st_size == size  # in place, same size: only the content changed
+    return path
+
+
+def read_with(how: str, store: ActivationStore):
+    from miclip_nb.align import AlignConfig, train_encoder
+    from miclip_nb.sae import SAEConfig, train_sae
+
+    if how == "iter_shards":
+        return list(store.iter_shards())
+    if how == "iter_batches":
+        return list(store.iter_batches(["acts/stage", "label"], 4, shuffle=True))
+    if how == "load":
+        return store.load("acts/stage")
+    if how == "read_shard":
+        return [store.read_shard(i) for i in range(len(store.meta["shards"]))]
+    if how == "train_encoder":
+        text = torch.nn.functional.normalize(torch.randn(len(SHAPES), 16), dim=-1)
+        return train_encoder(store, text, config=AlignConfig(epochs=1, batch_size=8), progress=False)
+    return train_sae(store, "stage", SAEConfig(expansion=2, k=2, epochs=1, batch_size=8), progress=False)
+
+
+READERS = ["iter_shards", "iter_batches", "load", "read_shard", "train_encoder", "train_sae"]
+
+
+@pytest.mark.parametrize("how", READERS)
+def test_shard_corrupted_under_an_open_reader_is_never_used(reference, tmp_path, how):
+    store = copy_store(reference, tmp_path)
+    read_with(how, store)  # reads (and verifies) every shard
+    corrupt_shard(store)
+    with pytest.raises(StoreError, match="shard_00002.*corrupt"):
+        read_with(how, store)  # the same reader object
+
+
+@pytest.mark.parametrize("how", ["train_encoder", "train_sae"])
+def test_training_reads_every_shard_through_the_checksum(reference, tmp_path, monkeypatch, how):
+    """The shard is corrupted after the statistics pass verified it, before the training passes."""
+    store = copy_store(reference, tmp_path)
+    real_iter = ActivationStore.iter_shards
+
+    def then_corrupt(self, fields=None):
+        try:
+            yield from real_iter(self, fields)
+        finally:  # the pass is over (or its loop was left)
+            corrupt_shard(store)
+
+    monkeypatch.setattr(ActivationStore, "iter_shards", then_corrupt)
+    with pytest.raises(StoreError, match="shard_00002.*corrupt"):
+        read_with(how, store)
+
+
+def test_verified_shard_is_hashed_again_only_once_it_changed(reference, tmp_path, monkeypatch):
+    import os
+
+    store = copy_store(reference, tmp_path)
+    hashed = []
+    real_sha = store_mod.sha256_file
+    monkeypatch.setattr(store_mod, "sha256_file", lambda p: hashed.append(p.name) or real_sha(p))
+    n_shards = len(store.meta["shards"])
+
+    # Files changed within the last seconds may change again without a new timestamp: re-hashed.
+    monkeypatch.setattr(store_mod, "_RACY_WINDOW_NS", 10**18)
+    store.load("label")
+    store.load("label")
+    assert len(hashed) == 2 * n_shards
+
+    # Older files are trusted while their size, times and inode stay the same.
+    monkeypatch.setattr(store_mod, "_RACY_WINDOW_NS", -1)
+    hour_ago = os.stat(store.dir).st_mtime_ns - 3600 * 10**9
+    for shard in store.meta["shards"]:
+        os.utime(store.dir / shard["file"], ns=(hour_ago, hour_ago))
+    fresh = ActivationStore(store.dir)
+    hashed.clear()
+    fresh.load("label")
+    fresh.load("label")
+    list(fresh.iter_batches(["label"], 4))
+    assert len(hashed) == n_shards  # each file hashed once
+    corrupt_shard(fresh)
+    hashed.clear()
+    with pytest.raises(StoreError, match="shard_00002.*corrupt"):
+        fresh.load("label")
+    assert hashed == ["shard_00002.safetensors"]  # the changed file only
+
+
+def test_row_offsets_and_batches_with_rows(reference):
+    assert reference.row_offsets == [0, 8, 16, 24, 32]
+    acts = reference.acts()
+    batches = list(reference.iter_batches(["acts/stage"], 3, shuffle=True, seed=1, with_rows=True))
+    rows = torch.cat([b["_row"] for b in batches])
+    assert sorted(rows.tolist()) == list(range(N))
+    for b in batches:  # each row's index points at its own activations
+        assert torch.equal(b["acts/stage"], acts[b["_row"]])
+    assert torch.equal(reference.read_shard(3, ["label"])["label"], reference.load("label")[24:32])
+    with pytest.raises(KeyError, match="nope"):
+        reference.read_shard(0, ["nope"])
+
+
+# ---------------------------------------------------------------- unreadable images
+
+
+CLASSES = ["a", "b", "c"]
+BAD = 4  # the 5th file of the folder is not an image
+
+
+def png_folder(root):
+    """9 small PNGs in 3 class folders; file 4 (b/img4.png) holds garbage bytes."""
+    import numpy as np
+    from PIL import Image
+
+    files = []
+    for i in range(9):
+        path = root / CLASSES[i // 3] / f"img{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if i == BAD:
+            path.write_bytes(b"\x89PNG but not really" * 5)
+        else:
+            pixels = np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path)
+        files.append(path)
+    return files
+
+
+def tiny_target():
+    """A small convnet wrapped as a TargetModel, with a forward counter."""
+    from miclip_nb.zoo import load_target
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(4, 3))
+    module.calls = 0
+    module.register_forward_hook(lambda mod, inp, out: setattr(mod, "calls", mod.calls + 1))
+    return load_target(module, preprocess=T.ToTensor(), class_names=CLASSES)
+
+
+def capture(target, dataset, root, **kw):
+    return build_store(target, dataset, "1", root=root, batch_size=2, shard_size=3, progress=False, **kw)
+
+
+def test_unreadable_image_raises_or_is_skipped_and_deleting_it_reuses_the_store(tmp_path):
+    from miclip_nb.datasets import UnreadableImageError, open_dataset
+
+    files = png_folder(tmp_path / "photos")
+    stores = tmp_path / "stores"
+    dataset = open_dataset(tmp_path / "photos")
+    assert len(dataset) == 9 and dataset.files[BAD] == files[BAD]
+
+    # (a) by default the build stops at the unreadable file, naming it
+    with pytest.raises(UnreadableImageError, match="img4.png"):
+        capture(tiny_target(), dataset, stores)
+    with pytest.raises(ValueError, match="on_error"):
+        capture(tiny_target(), dataset, stores, on_error="ignore")
+
+    # (b) on_error="skip": 8 rows, a warning and the metadata name the file, "index" skips it
+    target = tiny_target()
+    with pytest.warns(UserWarning, match="img4.png.*left out"):
+        store = capture(target, dataset, stores, on_error="skip")
+    assert store.complete and store.n_rows == 8
+    meta = json.loads((store.dir / METADATA).read_text())
+    assert meta["on_error"] == "skip"
+    assert meta["skipped"] == [{"index": BAD, "file": str(files[BAD])}]
+    kept = [i for i in range(9) if i != BAD]
+    assert store.load("index").tolist() == kept and store.load("index").dtype == torch.int64
+    assert store.load("label").tolist() == [dataset.labels[i] for i in kept]
+    x = torch.stack([T.ToTensor()(dataset[i][0]) for i in kept])
+    with torch.no_grad():
+        expected = target.module[1](target.module[0](x)).mean((2, 3))
+    assert torch.allclose(store.acts("1"), expected, atol=1e-6)
+    # Reusing it where the unreadable image must raise names the file instead of hiding it.
+    with pytest.raises(UnreadableImageError, match="img4.png.*on_error='skip'"):
+        capture(tiny_target(), dataset, stores)
+
+    # (c) the bad file deleted and the folder listed again: same rows, no forward pass
+    files[BAD].unlink()
+    fresh = open_dataset(tmp_path / "photos")
+    for on_error in ("skip", "raise"):
+        again_target = tiny_target()
+        again = capture(again_target, fresh, stores, on_error=on_error)
+        assert again_target.module.calls == 0
+        assert again.dir != store.dir and again.complete and again.skipped == []
+        for field in ("acts/1", "label", "pred"):
+            assert torch.equal(again.load(field), store.load(field)), field
+        assert again.load("index").tolist() == list(range(8))  # indices of the new listing
+        assert shard_hashes(again) == shard_hashes(store)
+    assert sorted(p.name for p in stores.iterdir()) == sorted([store.dir.name, again.dir.name])
+
+
+def test_interrupted_skipping_build_resumes_with_the_same_rows(tmp_path):
+    from miclip_nb.datasets import open_dataset
+
+    png_folder(tmp_path / "photos")
+    dataset = open_dataset(tmp_path / "photos")
+    kw = {"batch_size": 1, "shard_size": 2, "progress": False, "on_error": "skip"}
+    with pytest.warns(UserWarning, match="img4.png"):
+        whole = build_store(tiny_target(), dataset, "1", root=tmp_path / "whole", **kw)
+
+    failing = FailingDataset(dataset, fail_at=7)  # shards [0,1] [2,3] [5,6] written, image 4 skipped
+    with pytest.warns(UserWarning, match="img4.png"), pytest.raises(KeyboardInterrupt):
+        build_store(tiny_target(), failing, "1", root=tmp_path / "resumed", **kw)
+    failing.armed = False
+    target = tiny_target()
+    resumed = build_store(target, failing, "1", root=tmp_path / "resumed", **kw)
+    assert target.module.calls == 2  # images 7 and 8 only
+    assert resumed.skipped == [{"index": BAD, "file": None}]  # this wrapper has no .files
+    assert_same_contents(resumed, whole)
+
+    # A corrupt shard after the skipped image: the resume starts before it and skips it again.
+    flip_last_bytes(resumed.dir / "shard_00002.safetensors")
+    target = tiny_target()
+    with pytest.warns(UserWarning, match="img4.png"), pytest.warns(UserWarning, match="shard_00002.*rewriting"):
+        repaired = build_store(target, failing, "1", root=tmp_path / "resumed", **kw)
+    assert target.module.calls == 4  # images 5 to 8 (4 is unreadable again)
+    assert_same_contents(repaired, whole)
+    assert shard_hashes(repaired) == shard_hashes(whole)
+
+
+def test_a_folder_of_only_unreadable_images_raises(tmp_path):
+    from miclip_nb.datasets import UnreadableImageError, open_dataset
+
+    for name in ("a/x.png", "b/y.png"):
+        (tmp_path / name).parent.mkdir(parents=True)
+        (tmp_path / name).write_bytes(b"nope")
+    with pytest.warns(UserWarning), pytest.raises(UnreadableImageError, match="none of the 2 images"):
+        capture(tiny_target(), open_dataset(tmp_path), tmp_path / "stores", on_error="skip")

@@ -151,3 +151,85 @@ def test_feature_heatmap_figure_checks_indices():
     with pytest.raises(ValueError, match="same N"):
         FeatureGroundingState(state.unit_emb_ud, state.encode_text, state.heatmap_fn, state.images,
                               state.images_uint8[:2], "x", ["red"])
+
+
+# --------------------------------------------------------------------------------------------
+# The panels refuse unit embeddings made for other units
+
+
+def _toy_target(name="toy_cnn", seed=0):
+    """A random-weight toy model as a TargetModel (toy_cnn: stages.2 and stages.3 both have 128 units;
+    toy_vit: every block has 128)."""
+    from miclip_nb.toy_models import TOY_CLASS_NAMES, build_toy_model, toy_preprocess
+    from miclip_nb.zoo import TargetModel
+
+    torch.manual_seed(seed)
+    return TargetModel(build_toy_model(name), toy_preprocess, list(TOY_CLASS_NAMES), f"test:{name}:{seed}")
+
+
+def _embeddings(n_units, meta, dim=len(WORDS)):
+    from miclip_nb.align import EncoderConfig, NeuronEncoder
+    from miclip_nb.interpret import unit_embeddings
+
+    torch.manual_seed(0)
+    return unit_embeddings(NeuronEncoder(EncoderConfig(n_units, dim), meta))
+
+
+def _backend():
+    from miclip_nb.embed import FunctionBackend
+
+    return FunctionBackend(image_fn=lambda x: x.flatten(1)[:, :4], text_fn=lambda texts: torch.ones(len(texts), 4),
+                           preprocess=lambda im: im, embed_dim=4, fingerprint="test")
+
+
+def test_build_explorer_checks_the_units_of_the_layer():
+    """Before: embeddings of one layer (or of no layer of this model) were accepted for another, and
+    the panels failed later with an IndexError, or, at the same width, silently described the wrong units."""
+    from miclip_nb.shapes import ShapesDataset
+    from miclip_nb.store import model_identity
+    from miclip_nb.widgets import build_explorer
+
+    target, probe = _toy_target(), ShapesDataset("train", 4)
+    explore = lambda emb, layer: build_explorer(target, _backend(), emb, WORDS, torch.eye(4), probe, layer,  # noqa: E731
+                                                n_probe=4)
+    meta = {"model": model_identity(target), "layer": "stages.3", "pooling": "mean"}
+    state = explore(_embeddings(128, meta), "stages.3")
+    assert state.n_units == 128 and state.probe_acts_nu.shape == (4, 128)
+    assert explore(torch.randn(128, 4), "stages.2").n_units == 128  # a plain tensor of the right width
+    with pytest.raises(ValueError, match=r"64 rows, but there are 128 units at layer 'stages.2'"):
+        explore(torch.randn(64, 4), "stages.2")
+    with pytest.raises(ValueError, match=r"made for layer='stages.3', but are used for layer='stages.2'"):
+        explore(_embeddings(128, meta), "stages.2")  # same width, another layer
+    other = _toy_target(seed=1)
+    with pytest.raises(ValueError, match=rf"made for model='{model_identity(other)}'.*used for model='{model_identity(target)}'"):
+        explore(_embeddings(128, {**meta, "model": model_identity(other)}), "stages.3")
+
+
+def test_build_feature_state_checks_the_sae_features():
+    from _synthetic import random_sae
+
+    from miclip_nb.sae import sae_store_spec
+    from miclip_nb.shapes import ShapesDataset
+    from miclip_nb.store import model_identity, store_spec
+    from miclip_nb.widgets import build_feature_state
+
+    target, probe = _toy_target("toy_vit"), ShapesDataset("train", 3)
+    sae = random_sae(128)
+    meta = lambda sae, layer: {  # noqa: E731 (what align.train_encoder records for a code store)
+        "model": sae_store_spec(store_spec(target, probe, [layer], "none"), sae, layer, "mean", f"{layer}:sae", 1).model,
+        "layer": f"{layer}:sae", "pooling": "mean"}
+    build = lambda emb, layer="blocks.4", sae=sae: build_feature_state(target, layer, sae, emb, _backend(), probe,  # noqa: E731
+                                                                       ["red"], n_images=3)
+    features = _embeddings(sae.n_latents, meta(sae, "blocks.4"))
+    assert build(features).n_features == sae.n_latents == 256
+    assert build(torch.randn(256, 4)).n_features == 256
+    with pytest.raises(ValueError, match=r"128 rows, but there are 256 SAE features at layer 'blocks.4'"):
+        build(torch.randn(128, 4))
+    with pytest.raises(ValueError, match=r"made for layer='blocks.3', but are used for layer='blocks.4'"):
+        build(_embeddings(256, meta(sae, "blocks.3")))
+    other = random_sae(128, seed=1)
+    with pytest.raises(ValueError, match=r"made for sae='topk-sae.*but are used for sae='topk-sae"):
+        build(features, sae=other)
+    neurons = _embeddings(256, {"model": model_identity(target), "layer": "blocks.4", "pooling": "mean"})
+    with pytest.raises(ValueError, match=r"made for unit_kind='neuron', but are used for unit_kind='SAE feature'"):
+        build(neurons)

@@ -80,6 +80,8 @@ def tour():
         without a vocabulary, `localize` uses the paper's plain cosine similarity.
         """),
         code("""
+        # NBVAL_IGNORE_OUTPUT
+        # (unit numbers and probabilities come from training: they move with the CPU)
         from miclip_nb import interpret
         unit_emb = interpret.unit_embeddings(encoder)
         temperature = interpret.concept_temperature(encoder)  # learned by the alignment's concept term
@@ -92,6 +94,8 @@ def tour():
         """),
         md("## Describe: what does the top *star* unit mean?"),
         code("""
+        # NBVAL_IGNORE_OUTPUT
+        # (trained figures)
         star_unit = int(interpret.localize(unit_emb, concept_emb[1], tau=1, reference_kd=vocab_emb, temperature=temperature)[0][0])
         for concept, score in interpret.describe(unit_emb, star_unit, vocab_emb, vocab, tau=3):
             print(f"unit {star_unit}: {concept:<8} cosine {score:.2f}")
@@ -103,6 +107,8 @@ def tour():
         should hurt the model on stars much more than removing five random units.
         """),
         code("""
+        # NBVAL_IGNORE_OUTPUT
+        # (trained figures; the claims below are checked)
         from miclip_nb import datasets, select, steer
         eval_data = datasets.open_dataset("shapes:test:600" if PROFILE == "toy" else IMAGENET_VAL)
         images, labels = pipeline.load_eval_images(prep.target, eval_data, n=600 if PROFILE == "toy" else None)
@@ -113,7 +119,26 @@ def tour():
             print(f"remove 5 {name:<6} units: {CLASS} accuracy {df.acc_base[0]:.1f}% -> {df.acc_edit[0]:.1f}%")
         """),
         md("""
-        **Read the numbers honestly.** One class and one seed is an anecdote. Over all six classes and
+        One class is an anecdote. Over all six classes (each class's own top-5 units removed, accuracy
+        on that class's images), against five random draws:
+        """),
+        code("""
+        from miclip_nb.claims import claim
+        classes = list(range(len(prep.target.class_names)))
+        table = pipeline.intervention_table(
+            prep.target, images, labels, prep.layer,
+            {"MiClip": [select.MiClipSelector(unit_emb, prep.class_text_emb_cd, temperature=temperature)],
+             "Random": [select.RandomSelector(unit_emb.shape[0], s) for s in range(5)]},
+            betas={"remove": 0.0}, classes=classes, n_other=0, progress=False)
+        removal = table.groupby("method")["delta_acc"].mean()
+        print(f"class-averaged removal: MiClip {removal['MiClip']:+.1f} points, random {removal['Random']:+.1f}")
+        """, ignore_output="trained figures"),
+        code("""
+        _ = claim("removing each class's top-5 MiClip units costs at least 5 points more than random units",
+                  removal["Random"] - removal["MiClip"], at_least=5.0)
+        """),
+        md("""
+        **Read the numbers honestly.** One seed is still an anecdote. Over all six classes and
         three alignment seeds, removing each class's top-5 MiClip units at this layer costs about 16
         accuracy points (11 when units are ranked by plain cosine), five random units about 1.5;
         without unit dropout MiClip's units cost no more than random ones. Baselines that look at the class's activations or gradients directly do
@@ -193,6 +218,10 @@ def train_alignment():
         print(f"best epoch {history['best_epoch'] + 1}: validation loss {history['val_loss'][history['best_epoch']]:.2f} "
               f"(from {history['val_loss'][0]:.2f}); learned temperatures {history['temperature']['concept']:.3f} / {history['temperature']['image']:.3f}")
         _ = viz.loss_curves(history, f"MiClip alignment of {prep.target.name} {prep.layer}")
+        """, ignore_output="trained figures"),
+        code("""
+        from miclip_nb.claims import claim
+        _ = claim("training lowered the held-out loss", history["val_loss"][0] - min(history["val_loss"]), at_least=0.05)
         """),
         md("""
         ## Localize concepts
@@ -209,6 +238,8 @@ def train_alignment():
         way under both, since the softmax shifts each unit's scores by one constant.
         """),
         code("""
+        # NBVAL_IGNORE_OUTPUT
+        # (unit numbers come from training)
         unit_emb = interpret.unit_embeddings(encoder)
         temperature = interpret.concept_temperature(encoder)  # the posterior's temperature, learned by the alignment
         vocab = interpret.concept_set(config.concepts)
@@ -229,10 +260,16 @@ def train_alignment():
         When localization is consistent, the concept comes back among the unit's top descriptions.
         """),
         code("""
+        found_back = 0
         for q, emb in zip(queries, query_emb):
             unit = int(interpret.localize(unit_emb, emb, tau=1, reference_kd=vocab_emb, temperature=temperature)[0][0])
             top = interpret.describe(unit_emb, unit, vocab_emb, vocab, tau=3)
+            found_back += q in [c for c, _ in top]
             print(f"best unit for {q!r:>9} is {unit:>4}: " + ", ".join(f"{c} ({s:.2f})" for c, s in top))
+        """, ignore_output="trained figures"),
+        code("""
+        _ = claim(f"each query comes back among its best unit's top-3 descriptions ({len(queries)} queries)",
+                  found_back, at_least=len(queries) - 1)
         """),
         md("""
         ## Panels
@@ -241,16 +278,18 @@ def train_alignment():
         top-activating images and the histogram of its activations.
         """),
         code("""
+        # NBVAL_IGNORE_OUTPUT
+        # (a live panel: its text form holds trained results)
         probe = datasets.open_dataset(probe_spec)
         state = widgets.build_explorer(prep.target, prep.backend, unit_emb, vocab, vocab_emb, probe, prep.layer, n_probe=512,
                                        temperature=temperature)
-        # NBVAL_IGNORE_OUTPUT  (a live panel: its text form holds image bytes)
         search = widgets.concept_search_panel(state)
         search["parts"]["concept"].value = queries[0]
         search["widget"]
         """),
         code("""
-        # NBVAL_IGNORE_OUTPUT  (a live panel)
+        # NBVAL_IGNORE_OUTPUT
+        # (a live panel)
         inspector = widgets.unit_inspector_panel(state)
         inspector["widget"]
         """),
@@ -317,6 +356,8 @@ def failure_diagnosis():
         print(f"{len(encoders)} encoders, one per layer: {', '.join(encoders)}")
         """),
         code("""
+        # NBVAL_IGNORE_OUTPUT
+        # (a near-tie between two logits can flip with float rounding)
         images, labels = pipeline.load_eval_images(target, failures_from)
         wrong_idx, wrong_pred = diagnose.find_failures(target, images, labels)
         print(f"{len(wrong_idx)} of {len(labels)} images misclassified ({100 * len(wrong_idx) / len(labels):.1f}%)")
@@ -330,6 +371,8 @@ def failure_diagnosis():
         dominates most, the cross where the wrong label overtakes.
         """),
         code("""
+        # NBVAL_IGNORE_OUTPUT
+        # (trained figures)
         t = trajectories[0]
         names = target.class_names
         _ = viz.trajectory_plot(t.layers, t.sim_true, t.sim_wrong, names[t.true_label], names[t.wrong_label], t.best_layer, t.overtake_layer)
@@ -345,16 +388,25 @@ def failure_diagnosis():
         print("overtaking layer:", summary["overtake_counts"].to_dict())
         print("concepts at the overtaking layer:", summary["concept_counts"].head(8).to_dict())
         if PROFILE == "toy":
-            sample_attrs = [failures_from.sample(int(i)) for i in wrong_idx]
-            hits = [shapes.TEXTURES[s.texture] in t.overtake_concepts for s, t in zip(sample_attrs, trajectories) if t.overtake_layer is not None]
+            textures = [shapes.TEXTURES[failures_from.sample(int(i)).texture] for i in wrong_idx]
+            hit_rate, n_overtaken = diagnose.concept_hit_rate(trajectories, textures)
             print(f"the image's (spurious) background texture is among the top-3 concepts at the overtaking layer "
-                  f"in {100 * sum(hits) / max(len(hits), 1):.0f}% of {len(hits)} overtaken failures")
+                  f"in {100 * hit_rate:.0f}% of {n_overtaken} overtaken failures")
+        """, ignore_output="trained figures"),
+        code("""
+        from miclip_nb.claims import claim
+        if PROFILE == "toy":
+            _ = claim("the spurious texture is among the top-3 concepts where the wrong label takes over, in most failures",
+                      hit_rate, at_least=0.7)
+            _ = claim("the model errs on a share of the spurious split that is neither none nor most", len(wrong_idx) / len(labels),
+                      at_least=0.1, at_most=0.5)
         """),
         md("""
         ## Panel: pick a misclassified image
         """),
         code("""
-        # NBVAL_IGNORE_OUTPUT  (a live panel)
+        # NBVAL_IGNORE_OUTPUT
+        # (a live panel)
         panel = widgets.failure_panel(trajectories, viz.to_uint8(images[wrong_idx]) if PROFILE == "toy" else None, target.class_names)
         panel["widget"]
         """),

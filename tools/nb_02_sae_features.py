@@ -57,7 +57,6 @@ def sae_features():
                                store, widgets, zoo)
 
         if PROFILE == "toy":
-            torch.set_num_threads(1)  # tiny models: a second thread gains little and stalls on a busy 2-core CPU
             target, backend = zoo.load_target("toy_vit"), embed.load_clip("toyclip")
             layer = "blocks.4"                                   # (N, 65, 128): CLS + 8 x 8 patch tokens
             sae_data = datasets.open_dataset("shapes:train:1500")
@@ -81,11 +80,18 @@ def sae_features():
         everything that determines them.
         """),
         code("""
+        from miclip_nb.claims import claim
         tokens = store.build_store(target, sae_data, [layer], pooling="none", clip=backend, n_items=n_sae_images)
         autoencoder, metrics = sae.fit_sae(tokens, layer, sae_config, seed=SEED)
         print(f"{tokens.n_rows} images x {tokens.fields['acts/' + layer][0]} tokens -> {autoencoder.n_latents} latents")
+        """),
+        code("""
         print(f"held out: explained variance {metrics['explained_variance']:.3f}, L0 {metrics['l0']:.1f} "
               f"(k = {autoencoder.k}), dead latents {metrics['dead_fraction']:.1%}")
+        """, ignore_output="trained figures"),
+        code("""
+        _ = claim("the SAE explains most of the held-out variance", metrics["explained_variance"], at_least=0.85)
+        _ = claim("most latents fire on held-out tokens", 1 - metrics["dead_fraction"], at_least=0.7)
         """),
         md("""
         ## 2 · SAE features as MiClip units
@@ -98,6 +104,8 @@ def sae_features():
         (measured over four SAE seeds, see `tests/test_sae.py`).
         """),
         code("""
+        # NBVAL_IGNORE_OUTPUT
+        # (trained figures)
         if PROFILE == "toy":
             codes = sae.build_sae_code_store(tokens, autoencoder, layer, pooling="max")
         else:  # align on many more images than the SAE saw, without storing their tokens
@@ -116,6 +124,8 @@ def sae_features():
         The top features for each concept (cosine similarity in brackets).
         """),
         code("""
+        # NBVAL_IGNORE_OUTPUT
+        # (feature numbers come from training)
         concepts = list(shapes.COLORS + shapes.SHAPES) if PROFILE == "toy" else ["red", "blue", "stripes", "dog", "wheel"]
         concept_emb = interpret.encode_concepts(backend, concepts)
         localized = grounding.localized_features(feature_emb, concept_emb, concepts, tau=5)
@@ -163,6 +173,12 @@ def sae_features():
             display(table.drop(columns=["area", "n_images"]).round(3))
             print(f"mean IoU: top feature {table.iou_feature.mean():.3f}, top-5 set {table.iou_set.mean():.3f}, "
                   f"chance {table.chance_iou.mean():.3f}")
+        """, ignore_output="trained figures"),
+        code("""
+        if PROFILE == "toy":
+            _ = claim("each colour's top-5 feature set covers its objects at several times chance (mean ratio)",
+                      (table.iou_set / table.chance_iou).mean(), at_least=2.5)
+            _ = claim("and every colour's set beats chance", (table.iou_set / table.chance_iou).min(), at_least=1.5)
         """),
         md("""
         Read the two columns together. A top feature with a high `auroc_feature` but an IoU near chance
@@ -201,6 +217,11 @@ def sae_features():
                 for scoring in ("posterior", "cosine")}
         rows.update({f"random 5, draw {s}": removal(random_firing(s)) for s in range(3)})
         pd.Series(rows, name="class-averaged delta-accuracy (points)")
+        """, ignore_output="trained figures"),
+        code("""
+        random_mean = np.mean([v for k, v in rows.items() if k.startswith("random")])
+        _ = claim("removing MiClip's top-5 features (posterior) costs at least 2 points more than random firing features",
+                  random_mean - rows["MiClip top-5 (posterior)"], at_least=2.0)
         """),
         md("""
         ## 7 · Panel: a concept, its features, their heatmaps
@@ -208,7 +229,8 @@ def sae_features():
         heatmaps redraw, with the IoU against the concept's masks where the Shapes world knows them.
         """),
         code("""
-        # NBVAL_IGNORE_OUTPUT  (a live panel: its text form holds image bytes)
+        # NBVAL_IGNORE_OUTPUT
+        # (a live panel: its text form holds image bytes)
         state = widgets.build_feature_state(target, layer, autoencoder, feature_emb, backend, probe, concepts, n_images=12)
         panel = widgets.sae_feature_panel(state, tau=5)
         panel["widget"]

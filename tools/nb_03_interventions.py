@@ -72,7 +72,6 @@ def intervention_tables():
         SEEDS = (SEED, SEED + 1, SEED + 2)
         SAE_METHODS = ("miclip", "miclip_cosine", "random", "act_values", "clip_dissect")  # the methods that apply to SAE features
         if PROFILE == "toy":
-            torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting over a busy CPU
             MODELS = {"toy_cnn": "stages.2", "toy_vit": "blocks.4"}  # model -> layer
             # "ablation" is a reference row, not a method: each class's 5 units whose removal alone costs most
             NEURON_METHODS = ("miclip", "miclip_cosine", "random", "act_values", "netdissect", "clip_dissect", "captum_gxa", "ablation")
@@ -112,7 +111,8 @@ def intervention_tables():
         elapsed = time.time() - start
         """),
         code("""
-        # NBVAL_IGNORE_OUTPUT  (timing)
+        # NBVAL_IGNORE_OUTPUT
+        # (timing)
         print(f"{len(results)} tables in {elapsed:.0f} s")
         """),
         md("""
@@ -124,12 +124,12 @@ def intervention_tables():
         code("""
         neuron_tables = {model: r.table for (model, units), r in results.items() if units == "neurons"}
         pipeline.style_paper_table(neuron_tables)
-        """),
+        """, ignore_output="trained figures"),
         md("**(b) SAE features** (top-k SAE on the same layer; features are edited in the SAE's code space)."),
         code("""
         sae_tables = {model: r.table for (model, units), r in results.items() if units == "SAE features"}
         pipeline.style_paper_table(sae_tables)
-        """),
+        """, ignore_output="trained figures"),
         md("""
         The same numbers as bars (error bars: std over seeds/draws; † above a bar that moves the wrong way):
         """),
@@ -163,6 +163,18 @@ def intervention_tables():
             ceiling = f", ablation {col['Ablation']:+.1f}" if pd.notna(col.get("Ablation")) else ""
             print(f"{setting}: MiClip ranks {list(ranked.index).index('MiClip') + 1} of {len(ranked)} methods "
                   f"(MiClip {ranked['MiClip']:+.1f}, best {ranked.index[0]} {ranked.iloc[0]:+.1f}; random {col['Random']:+.1f}{ceiling})")
+        """, ignore_output="trained figures"),
+        md("What the text below claims about these figures, checked on every run:"),
+        code("""
+        from miclip_nb.claims import claim
+        if PROFILE == "toy":
+            cnn = removal["toy_cnn · neurons"]
+            _ = claim("toy_cnn neurons: removing MiClip's units costs at least 8 points more than random units",
+                      cnn["Random"] - cnn["MiClip"], at_least=8.0)
+            _ = claim("toy_cnn neurons: MiClip is not the strongest method (Act-Values removes at least 5 points more)",
+                      cnn["MiClip"] - cnn["Act-Values"], at_least=5.0)
+            _ = claim("toy_vit neurons: no method, nor the Ablation reference, moves accuracy by more than 5 points",
+                      removal["toy_vit · neurons"].abs().max(), at_most=5.0)
         """),
         md("""
         **MiClip does not beat the strongest baselines on the Shapes world.** What the figures above show:

@@ -29,8 +29,13 @@ def md(text: str):
     return nbformat.v4.new_markdown_cell(textwrap.dedent(text).strip())
 
 
-def code(text: str):
-    return nbformat.v4.new_code_cell(textwrap.dedent(text).strip())
+def code(text: str, ignore_output: str | None = None):
+    """A code cell; ``ignore_output``: why nbval must not compare its output (figures that move with
+    float rounding), written as the cell's ``# NBVAL_IGNORE_OUTPUT`` marker."""
+    body = textwrap.dedent(text).strip()
+    if ignore_output:
+        body = f"# NBVAL_IGNORE_OUTPUT\n# ({ignore_output})\n" + body
+    return nbformat.v4.new_code_cell(body)
 
 
 def write(path: Path, cells) -> None:
