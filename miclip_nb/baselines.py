@@ -10,8 +10,8 @@ evidence for this concept" (no probing image had it); do not select from such a 
 - **Network Dissection** (:func:`netdissect_scores`, Bau et al. 2017): per unit, threshold the
   spatial activation map at its top-0.5% quantile over the probing set, upsample (bilinear) to the
   mask size, and score IoU = sum of intersections / sum of unions with the concept's masks over the
-  probing set. Masks come from a :class:`MaskProbe`: the Shapes world (:class:`ShapesMaskProbe`) or a
-  Broden-style folder (:class:`FolderMaskProbe`).
+  probing set. Masks come from a :class:`MaskProbe`: a Broden-style folder (:class:`FolderMaskProbe`),
+  or a plug-in's (the Shapes world's: ``miclip_nb.shapes.ShapesMaskProbe``).
 - **CLIP-Dissect** (:func:`soft_wpmi`, :func:`clip_dissect_from_store`, Oikarinen & Weng 2023):
   soft-WPMI between the unit's top-activating probing images and CLIP's image-concept similarities.
 - **Captum** (:func:`captum_unit_attributions`, :func:`captum_scores`): the attribution of the
@@ -220,55 +220,6 @@ class MaskProbe(Protocol):
     def __len__(self) -> int: ...
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-class ShapesMaskProbe:
-    """The Shapes world as a probing set: images ``start .. start + n - 1`` of ``split`` with the
-    masks of :data:`~miclip_nb.shapes.CONCEPTS` (a class concept is its shape's mask).
-
-    ``preprocess``: PIL image -> (3, H, W) tensor (default: the toy models' ``shapes.to_tensor``);
-    masks keep the world's image size (64 px). Also exposes ``attributes(indices)`` ((B, 3) shape,
-    colour, texture indices).
-    """
-
-    def __init__(self, split: str = "balanced", n: int = 2000, *, start: int = 0, cfg=None, preprocess: Callable | None = None):
-        from . import shapes
-
-        if split not in shapes.SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {sorted(shapes.SPLITS)}")
-        if n <= 0 or start < 0:
-            raise ValueError("n must be positive and start non-negative")
-        self.split, self.n, self.start = split, n, start
-        self.cfg = cfg or shapes.WorldConfig()
-        self.preprocess = preprocess
-        self.concepts = list(shapes.CONCEPTS)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def samples(self, indices: Sequence[int]):
-        from . import shapes
-
-        for i in indices:
-            if not 0 <= int(i) < self.n:
-                raise IndexError(f"index {i} out of range for a probe of {self.n} images")
-        return [shapes.render(self.cfg, self.split, self.start + int(i)) for i in indices]
-
-    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        from . import shapes
-
-        samples = self.samples(indices)
-        if self.preprocess is None:
-            x = torch.stack([shapes.to_tensor(s.image) for s in samples])
-        else:
-            x = torch.stack([self.preprocess(Image.fromarray(s.image)) for s in samples])
-        masks = torch.from_numpy(np.stack([s.concept_masks() for s in samples]))
-        return x, masks
-
-    def attributes(self, indices: Sequence[int] | None = None) -> np.ndarray:
-        """(B, 3) (shape, colour, texture) indices of the probe images (all when ``indices`` is None)."""
-        indices = range(self.n) if indices is None else indices
-        return np.array([[s.shape, s.color, s.texture] for s in self.samples(indices)])
 
 
 class FolderMaskProbe:
@@ -747,7 +698,7 @@ def class_baseline_scores(
       :func:`probe_rows`; None: every row). ``layer`` names the store field for these two, the
       model layer for the others (the same name for neurons).
     - NetDissect: IoU with ``mask_probe``'s masks; its concepts' first C entries must be the
-      classes (true for :class:`ShapesMaskProbe`: SHAPES come first in CONCEPTS).
+      classes (true for the Shapes world's probe: its shapes come first among its concepts).
     - Captum-*: attributions on ``captum_images`` / ``captum_labels`` (a few per class suffice).
     - Ablation (a causal reference, :func:`ablation_scores`): on the same images as Captum.
     Raises ValueError naming the input a requested method lacks, or an unknown method.

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import shapes
+from . import plugins
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: ``{class_index:04d}_{wnid}_{class_name}.jpg``, the layout of imagenet-sample-500.
@@ -176,16 +176,15 @@ def imagenet_sample(root: str | Path, transform=None) -> FileListDataset:
 def open_dataset(spec: str | Path, transform=None):
     """A dataset from a spec.
 
-    ``"shapes:<split>:<n>"`` (e.g. ``"shapes:test:2000"``) gives the Shapes world; a path gives an
-    imagenet-sample folder, an ImageNet-val wnid layout, or a generic ImageFolder, detected from
-    its contents. Raises DatasetError for a missing/empty folder or a malformed spec.
+    ``"<scheme>:<rest>"`` gives a plug-in's dataset (:mod:`miclip_nb.plugins`; e.g. the Shapes
+    world's ``"shapes:test:2000"``); a path gives an imagenet-sample folder, an ImageNet-val wnid
+    layout, or a generic ImageFolder, detected from its contents. Raises DatasetError for a
+    missing/empty folder or a malformed spec, plugins.UnknownNameError for an unknown scheme.
     """
     spec_str = str(spec)
-    if spec_str.startswith("shapes:"):
-        parts = spec_str.split(":")
-        if len(parts) != 3 or not parts[2].isdigit():
-            raise DatasetError(f"expected 'shapes:<split>:<n>', got {spec_str!r}")
-        return shapes.ShapesDataset(parts[1], int(parts[2]), transform=transform)
+    scheme, sep, rest = spec_str.partition(":")
+    if sep and re.fullmatch(r"[A-Za-z][\w-]+", scheme) and not Path(spec_str).expanduser().exists():
+        return plugins.get("dataset", scheme)(rest, transform=transform)
     root = _check_dir(os.path.expandvars(spec_str))
     entries = list(root.iterdir())
     if any(SAMPLE_FILE_RE.match(e.name) for e in entries if e.is_file()):

@@ -2,8 +2,13 @@
 
 A backend is anything with ``encode_images``, ``encode_texts``, ``preprocess``, ``embed_dim`` and
 ``fingerprint`` (see :class:`EmbeddingBackend`). :class:`OpenClipBackend` wraps any open_clip model
-(real CLIP ViT-B/16 'openai' on a user's machine, ToyCLIP here); :class:`FunctionBackend` wraps two
-plain functions, so any vision-language model can be plugged in.
+(real CLIP ViT-B/16 'openai' on a user's machine, a plug-in's CLIP such as the Shapes world's
+ToyCLIP); :class:`FunctionBackend` wraps two plain functions, so any vision-language model can be
+plugged in.
+
+A backend owns its prompts: :func:`concept_texts` turns a concept word into the texts it embeds
+(``backend.prompts(concept)`` where the backend has that method, else the open_clip templates
+:data:`DEFAULT_TEMPLATES` around the word as typed: "star" -> "a photo of the small star.", ...).
 """
 
 from __future__ import annotations
@@ -17,9 +22,15 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
-#: Templates for the Shapes world, whose captions name attributes directly ("a star", "red").
-IDENTITY_TEMPLATES: tuple[str, ...] = ("{}",)
+def _open_clip_templates() -> tuple[str, ...]:
+    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES)
+
+
+#: open_clip's seven ImageNet zero-shot templates ("itap of a {}.", "a bad photo of the {}.", ...):
+#: what a concept word is wrapped in for a CLIP model that does not say otherwise.
+DEFAULT_TEMPLATES: tuple[str, ...] = _open_clip_templates()
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -58,17 +69,28 @@ class OpenClipBackend:
     """An open_clip CLIP model as an :class:`EmbeddingBackend`.
 
     ``model``: an open_clip CLIP; ``tokenizer``: its tokenizer; ``preprocess``: PIL -> tensor;
-    ``name``: a label for the cache key (the weight values are hashed in as well).
+    ``name``: a label for the cache key (the weight values are hashed in as well); ``templates``:
+    the prompt templates of :meth:`prompts` (each with one ``{}``; default
+    :data:`DEFAULT_TEMPLATES`); ``phrases``: concept words to put in the templates in place of the
+    word itself (a CLIP trained on its own captions, e.g. ToyCLIP's ``{"star": "a star"}``).
     """
 
-    def __init__(self, model, tokenizer, preprocess: Callable, name: str, device: str | torch.device = "cpu"):
+    def __init__(self, model, tokenizer, preprocess: Callable, name: str, device: str | torch.device = "cpu", *,
+                 templates: Sequence[str] = DEFAULT_TEMPLATES, phrases: dict[str, str] | None = None):
+        if not templates or any(t.count("{}") != 1 for t in templates):
+            raise ValueError(f"every template must contain '{{}}' once, got {list(templates)}")
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self._preprocess = preprocess
         self.name = name
         self.device = torch.device(device)
+        self.templates, self.phrases = tuple(templates), dict(phrases or {})
         self.embed_dim = int(self.encode_texts(["x"]).shape[1])
         self.fingerprint = f"open_clip:{name}:{state_fingerprint(model)}"
+
+    def prompts(self, concept: str) -> list[str]:
+        """The texts embedded for a concept word: each template around the word (or its phrase)."""
+        return [t.format(self.phrases.get(concept, concept)) for t in self.templates]
 
     def preprocess(self, image) -> torch.Tensor:
         """PIL image -> (3, H, W) tensor for this CLIP model."""
@@ -133,22 +155,23 @@ def load_clip(
 ) -> OpenClipBackend:
     """Load a CLIP embedding backend.
 
-    ``name="toyclip"``: the committed ToyCLIP of the Shapes world (offline). Otherwise an open_clip
-    model name with a ``pretrained`` tag (downloaded from the hub on first use, e.g.
+    ``name``: a backend a plug-in registered (:mod:`miclip_nb.plugins`, e.g. the Shapes world's
+    ``"toyclip"``, offline; ``checkpoint_path`` is handed to its factory), or an open_clip model
+    name with a ``pretrained`` tag (downloaded from the hub on first use, e.g.
     ``("ViT-B-16", "openai")``), or ``checkpoint_path`` to a local weights file of that
     architecture, or ``pretrained=None`` for random weights (tests only).
     Raises WeightsUnavailableError with instructions when weights cannot be obtained, FileNotFoundError
-    for a missing checkpoint, ValueError for an unknown architecture.
+    for a missing checkpoint, ValueError for an unknown name.
     """
     import open_clip
 
-    if name.lower() == "toyclip":
-        from .toyclip import load_toyclip
+    from . import plugins
 
-        model, tokenizer, preprocess = load_toyclip()
-        return OpenClipBackend(model, tokenizer, preprocess, "ToyCLIP", device)
-    if name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+    if name not in open_clip.list_models():  # open_clip's names first: a generic run never loads plug-ins
+        if plugins.has("backend", name):
+            return plugins.get("backend", name)(device=device, checkpoint_path=checkpoint_path)
+        raise ValueError(f"unknown CLIP model {name!r}: neither an open_clip model (see open_clip.list_models()) "
+                         f"nor a registered backend ({plugins.names('backend')})")
     if checkpoint_path is not None:
         path = Path(checkpoint_path).expanduser()
         if not path.is_file():
@@ -169,26 +192,38 @@ def load_clip(
     return OpenClipBackend(model, open_clip.get_tokenizer(name), preprocess, label, device)
 
 
+def concept_texts(backend: EmbeddingBackend, concept: str, templates: Sequence[str] | None = None) -> list[str]:
+    """The texts a backend embeds for one concept word: ``templates`` around the word when given,
+    else the backend's own ``prompts(concept)``, else :data:`DEFAULT_TEMPLATES` around the word.
+    Raises ValueError for a template without exactly one ``{}``."""
+    if templates is not None:
+        if not templates or any(t.count("{}") != 1 for t in templates):
+            raise ValueError(f"every template must contain '{{}}' once, got {list(templates)}")
+        return [t.format(concept) for t in templates]
+    prompts = getattr(backend, "prompts", None)
+    return list(prompts(concept)) if callable(prompts) else [t.format(concept) for t in DEFAULT_TEMPLATES]
+
+
 def build_concept_bank(
-    backend: EmbeddingBackend, concepts: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+    backend: EmbeddingBackend, concepts: Sequence[str], templates: Sequence[str] | None = None,
     batch_size: int = 256, allow_duplicates: bool = False,
 ) -> torch.Tensor:
-    """Text embeddings of ``concepts``, each averaged over prompt ``templates`` and re-normalised.
+    """Text embeddings of ``concepts``, each averaged over its prompts (:func:`concept_texts`:
+    ``templates``, or the backend's own) and re-normalised, as open_clip's zero-shot classifier does.
 
-    As open_clip's zero-shot classifier does. Returns (C, D) unit-norm rows, in the order given.
-    Raises ValueError for an empty list, an empty concept, duplicates (unless
-    ``allow_duplicates``: ImageNet has two "crane" classes), or a template without ``{}``.
+    Returns (C, D) unit-norm rows, in the order given. Raises ValueError for an empty list, an
+    empty concept, duplicates (unless ``allow_duplicates``: ImageNet has two "crane" classes), a
+    template without ``{}``, or a backend that gives concepts different numbers of prompts.
     """
     concepts = [str(c).strip() for c in concepts] if allow_duplicates else validate_concepts(concepts)
     if not concepts or not all(concepts):
         raise ValueError("concepts must be non-empty strings")
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError("every template must contain '{}'")
     rows = []
     for start in range(0, len(concepts), batch_size):
-        chunk = concepts[start : start + batch_size]
-        prompts = [t.format(c) for c in chunk for t in templates]
-        emb = backend.encode_texts(prompts).reshape(len(chunk), len(templates), -1)
+        texts = [concept_texts(backend, c, templates) for c in concepts[start : start + batch_size]]
+        if len({len(t) for t in texts}) != 1:
+            raise ValueError("the backend gives concepts different numbers of prompts; pass templates=")
+        emb = backend.encode_texts([t for ts in texts for t in ts]).reshape(len(texts), len(texts[0]), -1)
         rows.append(F.normalize(emb.mean(1), dim=-1))
     return torch.cat(rows)
 

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from .capture import hooked_activations, num_prefix_tokens, spatial_map
 from .metrics import auroc
-from .shapes import CONCEPTS
 
 
 def _module(target) -> torch.nn.Module:
@@ -161,34 +160,42 @@ def chance_iou(masks_nhw: np.ndarray, quantile: float = 0.8) -> np.ndarray:
     return np.where(a > 0, a * s / np.maximum(a + s - a * s, 1e-12), np.nan)
 
 
-def shapes_grounding(target, layer: str, dataset, heatmap_fn: Callable[[torch.Tensor, object], np.ndarray],
-                     concept_units: dict[str, object], *, n_images: int = 300, quantile: float = 0.8,
-                     preprocess: Callable | None = None) -> pd.DataFrame:
-    """IoU of each concept's unit heatmap with that concept's masks on Shapes-world images.
+def mask_grounding(target, layer: str, dataset, heatmap_fn: Callable[[torch.Tensor, object], np.ndarray],
+                   concept_units: dict[str, object], *, n_images: int = 300, quantile: float = 0.8,
+                   preprocess: Callable | None = None) -> pd.DataFrame:
+    """IoU of each concept's unit heatmap with that concept's pixel masks.
 
-    dataset: a shapes.ShapesDataset (ground-truth masks via ``sample(i).concept_masks()``);
+    dataset: a *masked dataset*: ``dataset[i]`` gives (PIL image, label), ``dataset.mask_concepts``
+    names the concepts that ``dataset.masks(i)`` gives (K, H, W) bool masks of (the Shapes world's
+    ShapesDataset is one);
     heatmap_fn(images (N, 3, H, W), unit) -> (N, H, W), e.g.
     ``lambda x, f: feature_heatmaps(target, layer, sae, x, f)``; concept_units: {concept: unit},
     where a unit is whatever heatmap_fn takes (an index, or a list of indices for a set).
     Only images where the concept is present count. Returns one row per concept: concept, unit,
     n_images, iou (mean), chance_iou (random selection of the same size), area (mask share).
     """
-    images, masks = _shapes_images_masks(dataset, n_images, preprocess or target.preprocess)
-    return _grounding_rows(images, masks, heatmap_fn, concept_units, quantile)
+    images, masks = masked_images(dataset, n_images, preprocess or target.preprocess)
+    return _grounding_rows(images, masks, list(dataset.mask_concepts), heatmap_fn, concept_units, quantile)
 
 
-def _shapes_images_masks(dataset, n_images: int, preprocess: Callable) -> tuple[torch.Tensor, np.ndarray]:
-    """The first n_images of a Shapes dataset: ((N, 3, H, W) preprocessed, (N, K, h, w) concept masks)."""
+def masked_images(dataset, n_images: int, preprocess: Callable) -> tuple[torch.Tensor, np.ndarray]:
+    """The first ``n_images`` of a masked dataset (see :func:`mask_grounding`): ((N, 3, H, W)
+    preprocessed images, (N, K, h, w) bool masks of ``dataset.mask_concepts``). Raises TypeError
+    for a dataset without masks."""
+    if not (hasattr(dataset, "mask_concepts") and callable(getattr(dataset, "masks", None))):
+        raise TypeError(f"{type(dataset).__name__} has no pixel masks (needs .mask_concepts and .masks(i))")
     n = min(n_images, len(dataset))
-    samples = [dataset.sample(i) for i in range(n)]
-    images = torch.stack([preprocess(_pil(s.image)) for s in samples])
-    return images, np.stack([s.concept_masks() for s in samples])
+    images = torch.stack([preprocess(dataset[i][0]) for i in range(n)])
+    return images, np.stack([np.asarray(dataset.masks(i), dtype=bool) for i in range(n)])
 
 
-def _grounding_rows(images: torch.Tensor, masks: np.ndarray, heatmap_fn, concept_units: dict, quantile: float) -> pd.DataFrame:
+def _grounding_rows(images: torch.Tensor, masks: np.ndarray, mask_concepts: list[str], heatmap_fn, concept_units: dict,
+                    quantile: float) -> pd.DataFrame:
     rows = []
     for concept, unit in concept_units.items():
-        c = CONCEPTS.index(concept)
+        if concept not in mask_concepts:
+            raise ValueError(f"no masks of {concept!r}; the dataset has masks of {mask_concepts}")
+        c = mask_concepts.index(concept)
         present = masks[:, c].any((1, 2))
         if not present.any():
             rows.append({"concept": concept, "unit": _unit_label(unit), "n_images": 0, "iou": float("nan"),
@@ -230,8 +237,8 @@ def sae_concept_grounding(target, layer: str, sae, feature_emb_fd: torch.Tensor,
     top-``tau`` set (codes summed, weighted by cosine; :func:`feature_heatmaps`). On the toy ViT
     the top-1 choice among features of similar cosine is noisy, and some top features fire away
     from the object, while the set covers it (see tests/test_sae.py for the measured figures).
-    dataset: a shapes.ShapesDataset; concepts:
-    Shapes-world concept names (with ``concept_emb_cd`` (C, D)). Returns one row per concept:
+    dataset: a masked dataset (:func:`mask_grounding`); concepts: names among its
+    ``mask_concepts`` (with ``concept_emb_cd`` (C, D)). Returns one row per concept:
     concept, feature, iou_feature, auroc_feature, features, iou_set, auroc_set, chance_iou, area,
     n_images. ``auroc_*`` asks *whether* rather than *where*: the AUROC, over all ``n_images``, of
     the strongest location's code (max over tokens / positions) for the concept being in the image.
@@ -239,8 +246,9 @@ def sae_concept_grounding(target, layer: str, sae, feature_emb_fd: torch.Tensor,
     (a late ViT block spreads image-level facts over its tokens).
     """
     picked = localized_features(feature_emb_fd, concept_emb_cd, concepts, tau)
-    images, masks = _shapes_images_masks(dataset, n_images, target.preprocess)
-    present = {c: masks[:, CONCEPTS.index(c)].any((1, 2)) for c in picked}
+    images, masks = masked_images(dataset, n_images, target.preprocess)
+    mask_concepts = list(dataset.mask_concepts)
+    present = {c: masks[:, mask_concepts.index(c)].any((1, 2)) for c in picked}
     # One pass over all images per concept and reading, at the layer's grid: its maximum gives the
     # AUROC, its upsampled rows for the images that show the concept give the IoU.
     grids = {c: (feature_heatmaps(target, layer, sae, images, units[0], upsample=False),
@@ -264,8 +272,8 @@ def sae_concept_grounding(target, layer: str, sae, feature_emb_fd: torch.Tensor,
         return heatmap
 
     by_concept = {c: i for i, c in enumerate(names)}
-    single = _grounding_rows(images, masks, upsampled(0), by_concept, quantile)
-    sets = _grounding_rows(images, masks, upsampled(1), by_concept, quantile)
+    single = _grounding_rows(images, masks, mask_concepts, upsampled(0), by_concept, quantile)
+    sets = _grounding_rows(images, masks, mask_concepts, upsampled(1), by_concept, quantile)
     return pd.DataFrame({"concept": single["concept"], "feature": [picked[c][0][0] for c in single["concept"]],
                          "iou_feature": single["iou"], "auroc_feature": [presence_auroc(c, 0) for c in single["concept"]],
                          "features": [_unit_label(picked[c][0]) for c in sets["concept"]],
@@ -278,12 +286,6 @@ def _unit_label(unit):
     if np.ndim(unit) == 0:
         return int(unit)
     return ",".join(str(int(u)) for u in np.asarray(unit).flatten())
-
-
-def _pil(image_hw3: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(image_hw3)
 
 
 

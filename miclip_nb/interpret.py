@@ -29,7 +29,7 @@ Measured on the toy models (``tests/test_miclip_toy.py``, ``tests/test_sae.py``)
 class's top-5 units of toy_cnn ``stages.2`` costs 16.3 accuracy points under the posterior and 11.4
 under cosine (random units 1.5; mean of 3 alignment seeds); the top-5 SAE features of toy_vit cost
 4.6 / 8.6 points against 3.0 / 7.6 (SAE seeds 0 / 1); the ground-truth AUROC of the top-5 units for
-the 16 concepts (:mod:`miclip_nb.groundtruth`) is 0.756 against 0.740 on toy_cnn, 0.696 against
+the 16 concepts (:mod:`miclip_nb.shapes.groundtruth`) is 0.756 against 0.740 on toy_cnn, 0.696 against
 0.686 on toy_vit. Standardising each unit's cosines over the concepts instead (a z-score) removed
 more on toy_cnn neurons (18.2) but far less on SAE features (1.2 / 2.2): it amplifies features
 whose profile is nearly flat, where the posterior leaves them flat.
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ._paths import data_dir
 from .align import NeuronEncoder
-from .embed import IDENTITY_TEMPLATES, EmbeddingBackend, build_concept_bank, validate_concepts
+from .embed import EmbeddingBackend, build_concept_bank, validate_concepts
 
 
 UNIT_KINDS = ("neuron", "SAE feature")
@@ -271,28 +271,14 @@ def describe(unit_emb_ud: torch.Tensor, unit: int, concept_bank_cd: torch.Tensor
     return [(concepts[i], float(s)) for i, s in zip(idx.tolist(), scores.tolist())]
 
 
-def shapes_concept_prompts() -> dict[str, str]:
-    """The Shapes world's concepts and the prompts ToyCLIP was trained with ("star" -> "a star",
-    "red" -> "red", "dots" -> "dots")."""
-    from . import shapes
-
-    prompts = {s: shapes.caption_for(shape=s) for s in shapes.SHAPES}
-    prompts.update({c: shapes.caption_for(color=c) for c in shapes.COLORS})
-    prompts.update({t: shapes.caption_for(texture=t) for t in shapes.TEXTURES})
-    return prompts
-
-
 def concept_set(name: str | Sequence[str]) -> list[str]:
-    """A concept vocabulary: "shapes" (the world's 16 concepts), "imagenet" (1000 class names),
-    "words" (20,000 frequent English words, shipped in data/), or your own list (validated).
+    """A concept vocabulary: "imagenet" (1000 class names), "words" (20,000 frequent English words,
+    shipped in data/), a plug-in's (:mod:`miclip_nb.plugins`, e.g. the Shapes world's "shapes"), or
+    your own list (validated).
 
-    Raises ValueError for an unknown name or an invalid list.
+    Raises ValueError for an invalid list, plugins.UnknownNameError for an unknown name.
     """
     if isinstance(name, str):
-        if name == "shapes":
-            from .shapes import CONCEPTS
-
-            return list(CONCEPTS)
         if name == "imagenet":
             from .zoo import imagenet_class_names
 
@@ -302,28 +288,17 @@ def concept_set(name: str | Sequence[str]) -> list[str]:
         if name == "words":
             path = Path(data_dir()) / "words_en_20k.txt"
             return path.read_text().split()
-        raise ValueError(f"unknown concept set {name!r}: use 'shapes', 'imagenet', 'words' or a list")
+        from . import plugins
+
+        return validate_concepts(plugins.get("concepts", name)())
     return validate_concepts(name)
 
 
-def default_templates(backend: EmbeddingBackend) -> tuple[str, ...]:
-    """Prompt templates that suit a backend: ToyCLIP was trained on bare captions ("{}"); real CLIP
-    models get open_clip-style templates ("a photo of a {}.")."""
-    from .embed import DEFAULT_TEMPLATES
-
-    return IDENTITY_TEMPLATES if "ToyCLIP" in str(getattr(backend, "fingerprint", "")) else DEFAULT_TEMPLATES
-
-
 def encode_concepts(backend: EmbeddingBackend, concepts: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
-    """(C, D) unit-norm concept embeddings, in the order given.
+    """(C, D) unit-norm concept embeddings of concept words, in the order given.
 
-    Without ``templates``: Shapes-world concept words use the prompts ToyCLIP knows ("star" ->
-    "a star", see :func:`shapes_concept_prompts`) and everything else
-    :func:`default_templates`. Raises ValueError for an invalid concept list.
+    Each word reaches the backend as typed, in the backend's own prompts (embed.concept_texts:
+    open_clip templates for a real CLIP, "a star" for the Shapes world's ToyCLIP) or in
+    ``templates``. Raises ValueError for an invalid concept list.
     """
-    concepts = validate_concepts(concepts)
-    if templates is not None:
-        return build_concept_bank(backend, concepts, templates)
-    prompts = shapes_concept_prompts()
-    texts = [prompts.get(c, c) for c in concepts]
-    return build_concept_bank(backend, texts, default_templates(backend))
+    return build_concept_bank(backend, validate_concepts(concepts), templates)

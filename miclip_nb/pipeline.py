@@ -23,8 +23,7 @@ from ._paths import cache_dir
 from .align import AlignConfig, NeuronEncoder, load_encoder, save_encoder, train_encoder
 from .datasets import open_dataset
 from .embed import EmbeddingBackend, build_concept_bank, load_clip
-from .interpret import (DEFAULT_TEMPERATURE, concept_set, concept_temperature, default_templates, encode_concepts,
-                        shapes_concept_prompts, unit_embeddings)
+from .interpret import DEFAULT_TEMPERATURE, concept_set, concept_temperature, encode_concepts, unit_embeddings
 from .sae import SAEConfig
 from .select import MiClipSelector, RandomSelector, UnitSelector, selection
 from .steer import PAPER_BETAS, SplitError, cache_layer_outputs, cached_class_deltas, class_deltas, summarize
@@ -143,11 +142,9 @@ class PipelineConfig:
 
 def class_prompts_embedding(backend: EmbeddingBackend, class_names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
     """(C, D) text embeddings of the classes: the neuron-concept targets, and the concepts that
-    localization looks for. Prompts as :func:`interpret.encode_concepts` (ToyCLIP: "a star";
-    real CLIP: "a photo of a {}." averaged over templates). Duplicate class names are allowed."""
-    prompts = shapes_concept_prompts()
-    texts = [prompts.get(c, c) for c in class_names]
-    return build_concept_bank(backend, texts, templates or default_templates(backend), allow_duplicates=True)
+    localization looks for. Each name in the backend's own prompts (embed.concept_texts: open_clip
+    templates for a real CLIP, ToyCLIP's captions) or ``templates``. Duplicate names are allowed."""
+    return build_concept_bank(backend, class_names, templates, allow_duplicates=True)
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -390,9 +387,9 @@ def _mask_probe(prep: Prepared):
     cfg = prep.config
     if cfg.mask_probe is not None:
         return bl.FolderMaskProbe(cfg.mask_probe, prep.target.preprocess, concepts=list(prep.target.class_names))
-    if str(cfg.train_data).startswith("shapes:"):
-        split = str(cfg.train_data).split(":")[1]
-        return bl.ShapesMaskProbe(split, prep.store.n_rows, preprocess=prep.target.preprocess)
+    train = open_dataset(cfg.train_data)
+    if callable(getattr(train, "mask_probe", None)):  # a dataset that knows its masks (the Shapes world)
+        return train.mask_probe(prep.store.n_rows, preprocess=prep.target.preprocess)
     raise ValueError("netdissect needs concept masks: set mask_probe to a Broden-style folder whose concept folders are the class names")
 
 

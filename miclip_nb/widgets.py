@@ -231,14 +231,14 @@ def build_feature_state(target, layer: str, sae, unit_emb_ud: torch.Tensor, back
 
     target: a zoo.TargetModel; sae: a sae.TopKSAE trained at ``layer``; unit_emb_ud: (F, D);
     backend: the EmbeddingBackend the features were aligned with; dataset: yields (PIL image,
-    label); its first ``n_images`` images are the probes. A Shapes-world dataset (with
-    ``sample(i).concept_masks()``) also supplies masks, so the panel reports IoU per image.
+    label); its first ``n_images`` images are the probes. A masked dataset (``mask_concepts`` and
+    ``masks(i)``, grounding.mask_grounding; e.g. the Shapes world's) also supplies masks, so the
+    panel reports IoU per image.
     Raises ValueError for an empty concept list, when F is not the SAE's number of features, or
     when the embeddings' provenance names another model, layer or SAE, or neurons
     (interpret.check_unit_embeddings).
     """
     from .grounding import feature_heatmaps
-    from .shapes import CONCEPTS
 
     check_unit_embeddings(unit_emb_ud, n_units=sae.n_latents, model=model_identity(target), layer=layer,
                           unit_kind="SAE feature", sae=sae.fingerprint)
@@ -249,10 +249,11 @@ def build_feature_state(target, layer: str, sae, unit_emb_ud: torch.Tensor, back
     size = tuple(images.shape[-2:])
     display = np.stack([np.asarray(img.resize(size[::-1])) for img in pil])
     masks = None
-    if hasattr(dataset, "sample"):
-        stack = np.stack([dataset.sample(i).concept_masks() for i in range(n)])  # (N, K, H, W)
+    if hasattr(dataset, "mask_concepts") and callable(getattr(dataset, "masks", None)):
+        stack = np.stack([np.asarray(dataset.masks(i), dtype=bool) for i in range(n)])  # (N, K, H, W)
+        names = list(dataset.mask_concepts)
         if stack.shape[-2:] == size:
-            masks = {c: stack[:, CONCEPTS.index(c)] for c in concepts if c in CONCEPTS}
+            masks = {c: stack[:, names.index(c)] for c in concepts if c in names}
     cache: dict[int, np.ndarray] = {}
 
     def heatmap_fn(x: torch.Tensor, feature: int) -> np.ndarray:

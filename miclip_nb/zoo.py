@@ -1,4 +1,4 @@
-"""One way to load a target classifier: toy models, timm, torchvision, CLIP zero-shot,
+"""One way to load a target classifier: plug-ins' models (the Shapes world's toy models), timm, torchvision, CLIP zero-shot,
 EfficientNet-Lite0 (real ImageNet weights, offline), or any ``nn.Module`` you bring.
 
 :func:`load_target` returns a :class:`TargetModel`: the module (eval mode), its preprocessing
@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .embed import DEFAULT_TEMPLATES, WeightsUnavailableError, build_concept_bank, load_clip, state_fingerprint
+from . import plugins
+from .embed import WeightsUnavailableError, build_concept_bank, load_clip, state_fingerprint
 
 #: The layer each of the paper's models is probed at (Table 2). The paper's "10th layer" of the
 #: 12-block ViTs is read in HuggingFace's 0-based naming (``encoder.layer.10``), i.e. timm
@@ -26,7 +27,6 @@ PAPER_LAYERS: dict[str, str] = {
     "vit_base_patch16_224": "blocks.10",
     "clip:ViT-B-16": "visual.transformer.resblocks.10",
 }
-TOY_LAYERS: dict[str, str] = {"toy_cnn": "stages.2", "toy_vit": "blocks.4"}
 
 
 @dataclass
@@ -120,18 +120,19 @@ def load_target(
     preprocess: Callable | None = None,
     class_names: Sequence[str] | None = None,
     layer: str | None = None,
-    clip_templates: Sequence[str] = DEFAULT_TEMPLATES,
+    clip_templates: Sequence[str] | None = None,
 ) -> TargetModel:
     """Load a classifier to interpret.
 
     ``model``:
-      - ``"toy_cnn"`` / ``"toy_vit"``: the committed Shapes-world models;
+      - a name a plug-in registered (:mod:`miclip_nb.plugins`; the Shapes world's ``"toy_cnn"`` /
+        ``"toy_vit"``);
       - ``"efficientnet_lite0"``: real ImageNet weights, offline;
       - ``"timm:<name>"`` (or a bare timm name): timm, pretrained weights from the hub, or
         ``weights_path`` to a local file;
       - ``"torchvision:<name>"``: torchvision's default weights, or ``weights_path``;
       - ``"clip:<open_clip name>[/<pretrained tag>]"``: CLIP as an ImageNet zero-shot classifier
-        (``class_names`` default to ImageNet-1k; prompts ``clip_templates``);
+        (``class_names`` default to ImageNet-1k; prompts ``clip_templates``, default open_clip's);
       - an ``nn.Module``: yours; pass ``preprocess`` and ``class_names``.
     ``pretrained=False`` gives random weights (tests). Raises WeightsUnavailableError with
     instructions when weights cannot be downloaded, ValueError for an unknown name.
@@ -143,18 +144,17 @@ def load_target(
     if not isinstance(model, str) or not model:
         raise ValueError(f"model must be a name or an nn.Module, got {model!r}")
 
-    if model in TOY_LAYERS:
-        from .toy_models import TOY_CLASS_NAMES, load_toy_model, toy_preprocess
-
-        return TargetModel(load_toy_model(model), toy_preprocess, list(TOY_CLASS_NAMES), model, layer or TOY_LAYERS[model])
     if model == "efficientnet_lite0":
         return load_efficientnet_lite0()
     if model.startswith("torchvision:"):
         return _load_torchvision(model.split(":", 1)[1], pretrained, weights_path, layer)
     if model.startswith("clip:"):
         return _load_clip_classifier(model.split(":", 1)[1], pretrained, weights_path, class_names, layer, clip_templates)
-    name = model.split(":", 1)[1] if model.startswith("timm:") else model
-    return _load_timm(name, pretrained, weights_path, layer)
+    if model.startswith("timm:"):
+        return _load_timm(model.split(":", 1)[1], pretrained, weights_path, layer)
+    if plugins.has("target", model):  # after the core's own names: a generic run never loads plug-ins
+        return plugins.get("target", model)(layer=layer, weights_path=weights_path)
+    return _load_timm(model, pretrained, weights_path, layer)
 
 
 def _load_timm(name: str, pretrained: bool, weights_path, layer) -> TargetModel:
@@ -162,7 +162,8 @@ def _load_timm(name: str, pretrained: bool, weights_path, layer) -> TargetModel:
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-        raise ValueError(f"unknown model {name!r} (not a toy model, timm or torchvision name). Similar timm names: {close}")
+        raise ValueError(f"unknown model {name!r}: not a registered model ({plugins.names('target')}), nor a timm, "
+                         f"torchvision:, clip: name. Similar timm names: {close}")
     kwargs = {}
     if weights_path is not None:
         path = Path(weights_path).expanduser()

@@ -204,7 +204,7 @@ def test_netdissect_thresholds_exact_and_subsampled():
 def test_shapes_mask_probe_gives_images_and_concept_masks():
     from miclip_nb import shapes
 
-    probe = bl.ShapesMaskProbe("balanced", 5, start=3)
+    probe = shapes.ShapesMaskProbe("balanced", 5, start=3)
     x, masks = probe.batch([0, 4])
     assert x.shape == (2, 3, 64, 64) and masks.shape == (2, 16, 64, 64) and masks.dtype == torch.bool
     s = shapes.render(shapes.WorldConfig(), "balanced", 7)
@@ -213,7 +213,7 @@ def test_shapes_mask_probe_gives_images_and_concept_masks():
     with pytest.raises(IndexError):
         probe.batch([5])
     with pytest.raises(ValueError, match="split"):
-        bl.ShapesMaskProbe("nope", 3)
+        shapes.ShapesMaskProbe("nope", 3)
 
 
 # ------------------------------------------------------------------------------------------

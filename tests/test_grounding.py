@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from miclip_nb.capture import hooked_activations
 from miclip_nb.grounding import (chance_iou, feature_heatmaps, heatmap_iou, heatmap_masks, localized_features,
-                                 neuron_heatmaps, plot_heatmaps, sae_concept_grounding, shapes_grounding)
+                                 neuron_heatmaps, plot_heatmaps, sae_concept_grounding, mask_grounding)
 from miclip_nb.sae import SAEConfig, SAEMismatchError, TopKSAE
 from _synthetic import random_sae
 
@@ -182,7 +182,7 @@ def test_presence_auroc_separates_whether_from_where():
     assert set(table.concept) <= set(COLORS)
 
 
-def test_shapes_grounding_accepts_sets_and_reports_absent_concepts():
+def test_mask_grounding_accepts_sets_and_reports_absent_concepts():
     from types import SimpleNamespace
 
     from miclip_nb.shapes import ShapesDataset, to_tensor
@@ -195,9 +195,9 @@ def test_shapes_grounding_accepts_sets_and_reports_absent_concepts():
         return np.ones((x.shape[0], 64, 64), dtype=np.float32)
 
     dataset = ShapesDataset("test", 60)
-    table = shapes_grounding(target, "features", dataset, heat, {"red": [1, 2], "star": 3}, n_images=60)
+    table = mask_grounding(target, "features", dataset, heat, {"red": [1, 2], "star": 3}, n_images=60)
     assert [1, 2] in seen and 3 in seen and table["unit"].tolist() == ["1,2", 3]
     assert (table["n_images"] > 0).all() and table["iou"].between(0, 1).all()
     absent = next(c for c in ("red", "green", "blue") if c != dataset.sample(0).concepts[1])
-    one = shapes_grounding(target, "features", dataset, heat, {absent: 0}, n_images=1)
+    one = mask_grounding(target, "features", dataset, heat, {absent: 0}, n_images=1)
     assert one["n_images"].tolist() == [0] and math.isnan(one["iou"][0])

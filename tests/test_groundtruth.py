@@ -7,10 +7,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from miclip_nb import groundtruth as gt
+from miclip_nb.shapes import groundtruth as gt
 from miclip_nb.baselines import CAPTUM_METHODS
 from miclip_nb.embed import FunctionBackend
-from miclip_nb.shapes import CONCEPTS, SHAPES
+from miclip_nb.shapes import CONCEPTS, SHAPES, ShapesMaskProbe
 
 
 def test_concept_presence_marks_shape_colour_texture():
@@ -118,9 +118,9 @@ def test_benchmark_contract_on_random_models(arch):
     rest = df[~df.method.isin(CAPTUM_METHODS.values())]
     assert rest.auroc.between(0, 1).all()
     with pytest.raises(ValueError, match="need a CLIP backend"):
-        gt.concept_scores(model, layer, gt.bl.ShapesMaskProbe("balanced", 8), methods=[gt.MICLIP])
+        gt.concept_scores(model, layer, ShapesMaskProbe("balanced", 8), methods=[gt.MICLIP])
     with pytest.raises(ValueError, match="unknown method"):
-        gt.concept_scores(model, layer, gt.bl.ShapesMaskProbe("balanced", 8), methods=["V-Interp"])
+        gt.concept_scores(model, layer, ShapesMaskProbe("balanced", 8), methods=["V-Interp"])
 
 
 def test_benchmark_default_methods_follow_inputs():

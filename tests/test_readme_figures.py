@@ -52,7 +52,7 @@ def test_toy_cnn_localized_units_are_causal(toy_cnn_aligned):
 def test_toy_cnn_ground_truth_beats_random(toy_cnn_aligned):
     """README: on the ground-truth benchmark MiClip's top-5 units detect the 16 concepts at a mean
     AUROC of 0.756 on toy_cnn (random units about 0.6); CLIP-Dissect 0.802."""
-    from miclip_nb import groundtruth as gt
+    from miclip_nb.shapes import groundtruth as gt
 
     prep, encoder, _, _ = toy_cnn_aligned
     df = gt.groundtruth_benchmark(prep.target.module, prep.layer, backend=prep.backend,

@@ -299,7 +299,7 @@ def test_code_store_from_model_matches_the_token_route(tmp_path):
     first, without writing the tokens."""
     from miclip_nb.shapes import SHAPES, ShapesDataset
     from miclip_nb.store import build_store
-    from miclip_nb.toy_models import toy_preprocess
+    from miclip_nb.shapes.toy_models import toy_preprocess
     from miclip_nb.zoo import load_target
 
     torch.manual_seed(0)
@@ -455,7 +455,8 @@ def shapes_sae_world(model: str, n_train: int, config: SAEConfig, *, n_align: in
     from miclip_nb.pipeline import class_prompts_embedding
     from miclip_nb.shapes import ShapesDataset
     from miclip_nb.store import build_store
-    from miclip_nb.zoo import TOY_LAYERS, load_target
+    from miclip_nb.shapes.plugin import TOY_LAYERS
+    from miclip_nb.zoo import load_target
 
     target, backend = load_target(model), load_clip("toyclip")
     layer = TOY_LAYERS[model]

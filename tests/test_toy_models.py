@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from miclip_nb import shapes
-from miclip_nb import toy_models as tm
+from miclip_nb.shapes import toy_models as tm
 
 N_TEST_IMAGES = 300
 N_BALANCED_IMAGES = 600
@@ -195,7 +195,7 @@ def test_unknown_name_raises():
 
 
 def test_missing_dir_names_the_train_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m miclip_nb.toy_models --models toy_cnn"):
+    with pytest.raises(FileNotFoundError, match="python -m miclip_nb.shapes.toy_models --models toy_cnn"):
         tm.load_toy_model("toy_cnn", weights_dir=tmp_path / "nowhere")
 
 

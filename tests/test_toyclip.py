@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 
-from miclip_nb import toyclip
+from miclip_nb.shapes import toyclip
 from miclip_nb.shapes import CONCEPTS, WorldConfig, render, to_tensor
 
 torch.set_num_threads(1)
@@ -105,7 +105,7 @@ def test_wrong_schema_rejected(tmp_path):
 
 
 def test_missing_dir_names_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m miclip_nb.toyclip"):
+    with pytest.raises(FileNotFoundError, match="python -m miclip_nb.shapes.toyclip"):
         toyclip.load_toyclip(tmp_path / "nowhere")
 
 

@@ -160,7 +160,7 @@ def test_feature_heatmap_figure_checks_indices():
 def _toy_target(name="toy_cnn", seed=0):
     """A random-weight toy model as a TargetModel (toy_cnn: stages.2 and stages.3 both have 128 units;
     toy_vit: every block has 128)."""
-    from miclip_nb.toy_models import TOY_CLASS_NAMES, build_toy_model, toy_preprocess
+    from miclip_nb.shapes.toy_models import TOY_CLASS_NAMES, build_toy_model, toy_preprocess
     from miclip_nb.zoo import TargetModel
 
     torch.manual_seed(seed)

@@ -1,9 +1,9 @@
 """One command trains the three shipped models of the Shapes world and saves them under data/:
 
-    python -m miclip_nb.train_toys --threads 1   # toy_cnn, toy_vit, then ToyCLIP (about 35 min on one core)
+    python -m miclip_nb.shapes.train --threads 1   # toy_cnn, toy_vit, then ToyCLIP (about 35 min on one core)
 
 Each is seeded (the shipped seeds by default); one thread reproduces the committed weights on CPU. The
-sub-commands ``python -m miclip_nb.toy_models`` and ``python -m miclip_nb.toyclip`` train one
+sub-commands ``python -m miclip_nb.shapes.toy_models`` and ``python -m miclip_nb.shapes.toyclip`` train one
 model each and take more options.
 """
 

@@ -23,7 +23,7 @@ AUROC on a disjoint *evaluation* part):
 Unit activations are z-scored on the evaluation images before averaging the top units, so one unit
 with a large scale does not decide the mean (set ``standardize=False`` for the raw mean).
 
-Command line: ``python -m miclip_nb.groundtruth --model toy_cnn`` (see :func:`main`).
+Command line: ``python -m miclip_nb.shapes.groundtruth --model toy_cnn`` (see :func:`main`).
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import baselines as bl
-from .interpret import DEFAULT_TEMPERATURE
-from .metrics import auroc, best_unit_auroc
-from .shapes import COLORS, CONCEPT_KIND, CONCEPTS, SHAPES
+from .. import baselines as bl
+from ..interpret import DEFAULT_TEMPERATURE
+from ..metrics import auroc, best_unit_auroc
+from .probes import ShapesMaskProbe
+from .world import COLORS, CONCEPT_KIND, CONCEPTS, SHAPES
 
 MICLIP = "MiClip"
 MICLIP_COSINE = "MiClip (cosine)"
@@ -138,7 +139,7 @@ def groundtruth_markdown(df: pd.DataFrame, per_concept: bool = False) -> str:
 
 
 @torch.no_grad()
-def _clip_image_embeddings(backend, probe: bl.ShapesMaskProbe, batch_size: int = 256) -> torch.Tensor:
+def _clip_image_embeddings(backend, probe: ShapesMaskProbe, batch_size: int = 256) -> torch.Tensor:
     out = []
     for start in range(0, len(probe), batch_size):
         samples = probe.samples(range(start, min(start + batch_size, len(probe))))
@@ -147,12 +148,12 @@ def _clip_image_embeddings(backend, probe: bl.ShapesMaskProbe, batch_size: int =
     return torch.cat(out)
 
 
-def _probe_images(probe: bl.ShapesMaskProbe, indices) -> torch.Tensor:
+def _probe_images(probe: ShapesMaskProbe, indices) -> torch.Tensor:
     return probe.batch(list(indices))[0]
 
 
 def concept_scores(
-    model: nn.Module, layer: str, probe: bl.ShapesMaskProbe, *, methods: Sequence[str] = METHODS, backend=None,
+    model: nn.Module, layer: str, probe: ShapesMaskProbe, *, methods: Sequence[str] = METHODS, backend=None,
     unit_emb_ud: torch.Tensor | None = None, temperature: float = DEFAULT_TEMPERATURE, pooling: str = "mean",
     n_captum_per_class: int = 50,
     captum_steps: int = 16, wpmi: bl.SoftWPMIConfig = bl.SoftWPMIConfig(), batch_size: int = 64, device=None,
@@ -180,7 +181,7 @@ def concept_scores(
     if any(m in methods for m in (*_MICLIPS, bl.CLIP_DISSECT)):
         if backend is None:
             raise ValueError("MiClip and CLIP-Dissect need a CLIP backend (e.g. load_clip('toyclip'))")
-        from .interpret import concept_unit_scores, encode_concepts
+        from ..interpret import concept_unit_scores, encode_concepts
 
         concept_emb = encode_concepts(backend, list(CONCEPTS))
     out: dict[str, torch.Tensor] = {}
@@ -227,12 +228,12 @@ def groundtruth_benchmark(
     if methods is None:
         methods = [m for m in METHODS if (m not in _MICLIPS or (unit_emb_ud is not None and backend is not None))
                    and (m != bl.CLIP_DISSECT or backend is not None)]
-    probe = bl.ShapesMaskProbe(split, n_probe, cfg=cfg)
+    probe = ShapesMaskProbe(split, n_probe, cfg=cfg)
     scores = concept_scores(model, layer, probe, methods=methods, backend=backend, unit_emb_ud=unit_emb_ud,
                             temperature=temperature, pooling=pooling,
                             n_captum_per_class=n_captum_per_class, captum_steps=captum_steps, batch_size=batch_size,
                             device=device, progress=progress)
-    eval_probe = bl.ShapesMaskProbe(split, n_eval, start=n_probe, cfg=cfg)
+    eval_probe = ShapesMaskProbe(split, n_eval, start=n_probe, cfg=cfg)
     acts = torch.cat([bl.pooled_activations(model, layer, _probe_images(eval_probe, r), pooling, batch_size, device)
                       for r in bl._batches(n_eval, 512)])
     with warnings.catch_warnings():
@@ -242,7 +243,7 @@ def groundtruth_benchmark(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m miclip_nb.groundtruth --model toy_cnn [--out-dir DIR]``.
+    """``python -m miclip_nb.shapes.groundtruth --model toy_cnn [--out-dir DIR]``.
 
     Trains (or loads from the cache) the MiClip encoder with the pipeline's defaults, then writes
     ``groundtruth_<model>.csv`` (tidy) and ``.md`` (summary and per-concept tables), and the
@@ -251,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    from .interpret import concept_temperature, unit_embeddings
-    from .pipeline import (PipelineConfig, fit_alignment, intervention_table, load_eval_images, prepare,
+    from ..interpret import concept_temperature, unit_embeddings
+    from ..pipeline import (PipelineConfig, fit_alignment, intervention_table, load_eval_images, prepare,
                            summarize_table, table_markdown)
-    from .datasets import open_dataset
-    from .select import MiClipSelector, RandomSelector
+    from ..datasets import open_dataset
+    from ..select import MiClipSelector, RandomSelector
 
     p = argparse.ArgumentParser(description="Ground-truth benchmark and delta-accuracy of every method (Shapes world)")
     p.add_argument("--model", default="toy_cnn")
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         cap_x, cap_y = load_eval_images(prep.target, train_ds, 600)
         scores = bl.class_baseline_scores(
             prep.target.module, prep.layer, prep.store, n_classes=n_classes, class_emb_cd=prep.class_text_emb_cd,
-            mask_probe=bl.ShapesMaskProbe("train", args.n_probe), captum_images=cap_x, captum_labels=cap_y,
+            mask_probe=ShapesMaskProbe("train", args.n_probe), captum_images=cap_x, captum_labels=cap_y,
             n_steps=args.captum_steps, progress=True)
         images, labels = load_eval_images(prep.target, open_dataset(f"shapes:test:{args.n_test}"))
         n_units = prep.store.fields[f"acts/{prep.layer}"][0]

@@ -317,6 +317,21 @@ class ShapesDataset(torch.utils.data.Dataset):
         """Identifies the content of this dataset (used in cache keys)."""
         return f"shapes:{self.split}:{self.n}:{self.cfg!r}"
 
+    #: The concepts :meth:`masks` gives a mask of, in order (the masked-dataset protocol that
+    #: grounding and the feature panel read).
+    mask_concepts: tuple[str, ...] = CONCEPTS
+
+    def masks(self, index: int) -> np.ndarray:
+        """(16, H, W) bool pixel masks of :attr:`mask_concepts` in image ``index``."""
+        return self.sample(index).concept_masks()
+
+    def mask_probe(self, n: int | None = None, preprocess=None):
+        """The first ``n`` images of this split (all by default) as a NetDissect probing set
+        (:class:`~miclip_nb.shapes.probes.ShapesMaskProbe`), preprocessed by ``preprocess``."""
+        from .probes import ShapesMaskProbe
+
+        return ShapesMaskProbe(self.split, min(n or self.n, self.n), cfg=self.cfg, preprocess=preprocess)
+
 
 def to_tensor(image: np.ndarray | Image.Image) -> torch.Tensor:
     """Toy models' preprocessing: uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""

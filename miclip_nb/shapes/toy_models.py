@@ -20,7 +20,7 @@ The JSON beside each weights file records what the shipped model achieves (accur
 
 Train and save the shipped weights with::
 
-    python -m miclip_nb.toy_models --models toy_cnn toy_vit --num-threads 1 --out-dir data/toy_models
+    python -m miclip_nb.shapes.toy_models --models toy_cnn toy_vit --num-threads 1 --out-dir data/toy_models
 
 (each model's seed and budget are :data:`DEFAULT_TRAIN_CONFIGS`; one thread reproduces the
 committed weights bit for bit, other thread counts give models of the same quality)
@@ -45,9 +45,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import shapes
-from ._paths import data_dir, sha256_file
-from .metrics import best_unit_auroc
+from . import world as shapes
+from .._paths import data_dir, sha256_file
+from ..metrics import best_unit_auroc
 
 SCHEMA_VERSION = 1
 TOY_MODEL_NAMES: tuple[str, ...] = ("toy_cnn", "toy_vit")
@@ -59,7 +59,7 @@ PENULTIMATE_POOLINGS: dict[str, tuple[str, ...]] = {
     "toy_cnn": ("spatial_mean",),
     "toy_vit": ("patch_mean", "cls"),
 }
-TRAIN_COMMAND = "python -m miclip_nb.toy_models --models {name} --num-threads 1 --out-dir {out_dir}"
+TRAIN_COMMAND = "python -m miclip_nb.shapes.toy_models --models {name} --num-threads 1 --out-dir {out_dir}"
 
 DEFAULT_ARCH_KWARGS: dict[str, dict] = {
     "toy_cnn": {"channels": (32, 64, 128, 128), "shortcut": "pad"},
@@ -318,7 +318,7 @@ def concept_detectors(
     Returns {concept: {"layer", "pooling", "unit", "auroc"}} over :data:`shapes.CONCEPTS`, AUROC
     for the concept's presence (higher activation = present). Hooks are removed on return or error.
     """
-    from .capture import num_prefix_tokens, pool
+    from ..capture import num_prefix_tokens, pool
 
     n_prefix = num_prefix_tokens(model)
     n_tokens: list[int] = []  # token count of a ViT's stream, read from its first block's input
@@ -651,7 +651,7 @@ def _format_metrics(name: str, metrics: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train, report and save toy models (``python -m miclip_nb.toy_models --help``)."""
+    """Train, report and save toy models (``python -m miclip_nb.shapes.toy_models --help``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(TOY_MODEL_NAMES), choices=TOY_MODEL_NAMES)
     parser.add_argument("--seed", type=int, default=None, help="default: the shipped recipe's seed per model")

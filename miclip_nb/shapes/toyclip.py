@@ -16,7 +16,7 @@ runs once per step on the 244 distinct captions of the world, which costs little
 
 Train and save the committed weights with::
 
-    python -m miclip_nb.toyclip --seed 0 --steps 1000 --threads 1 --out-dir data/toyclip
+    python -m miclip_nb.shapes.toyclip --seed 0 --steps 1000 --threads 1 --out-dir data/toyclip
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ import open_clip
 import torch
 from PIL import Image
 
-from ._paths import PACKAGE_DIR, data_dir, sha256_file
-from .metrics import auroc
-from .shapes import CONCEPT_KIND, CONCEPTS, COLORS, SHAPES, TEXTURES, WorldConfig, caption_for, render
+from .._paths import data_dir, sha256_file
+from ..metrics import auroc
+from .world import CONCEPT_KIND, CONCEPTS, COLORS, SHAPES, TEXTURES, WorldConfig, caption_for, render
 
 MODEL_NAME = "ToyCLIP"
-MODEL_CONFIGS_DIR = PACKAGE_DIR / "model_configs"
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "toyclip.safetensors"
 META_FILE = "toyclip.json"
-TRAIN_COMMAND = "python -m miclip_nb.toyclip --seed 0 --steps 1000 --threads 1 --out-dir data/toyclip"
+TRAIN_COMMAND = "python -m miclip_nb.shapes.toyclip --seed 0 --steps 1000 --threads 1 --out-dir data/toyclip"
 #: Preprocessing of ToyCLIP images: the 64x64 world images, mean = std = 0.5 (pixels to [-1, 1]).
 PREPROCESS_CFG: dict = {"size": 64, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
                         "interpolation": "bicubic", "resize_mode": "shortest"}
@@ -147,6 +147,11 @@ def caption_bank() -> tuple[list[str], np.ndarray]:
 def concept_prompts() -> list[str]:
     """The single-concept prompt of every concept of :data:`CONCEPTS` ("a star", "red", "dots")."""
     return [caption_for(**{CONCEPT_KIND[c]: c}) for c in CONCEPTS]
+
+
+def concept_phrases() -> dict[str, str]:
+    """Concept word -> the caption ToyCLIP was trained with ("star" -> "a star", "red" -> "red")."""
+    return dict(zip(CONCEPTS, concept_prompts()))
 
 
 def _render_uint8(cfg: WorldConfig, split: str, indices) -> tuple[torch.Tensor, np.ndarray]:
