@@ -25,6 +25,8 @@ vectors, as :mod:`miclip_nb.diagnose` does, since it embeds whole vectors.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -36,10 +38,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._checkpoint import read_checkpoint, save_checkpoint
+from ._paths import cache_dir
 from .store import INDEX_FIELD, ROW_KEY, ActivationStore, acts_field
 from ._progress import bars_off
 
 ENCODER_SCHEMA_VERSION = 1
+#: The salt of the alignment's held-out split (store.holdout); the SAE uses its own. Kept so that a
+#: seed gives the same encoder as before the split moved into the store.
+ALIGN_SPLIT_SALT = 0
 
 
 class EncoderMismatchError(ValueError):
@@ -133,31 +139,27 @@ class NeuronEncoder(nn.Module):
                 )
 
 
-def _val_mask(rows: torch.Tensor, val_fraction: float, seed: int) -> torch.Tensor:
-    """Deterministic held-out membership of global row indices (a multiplicative hash)."""
-    h = (rows * 2654435761 + seed * 97531) % 4294967296
-    return h < int(val_fraction * 4294967296)
-
-
 @torch.no_grad()
-def _streaming_stats(store: ActivationStore, field_name: str, rows_mask_fn) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean and std of a (N, U) field over training rows, one shard at a time (float64 sums).
+def _streaming_stats(store: ActivationStore, field_name: str, val_fraction: float,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean and std of a (N, U) field over the training rows (the store's split with
+    ``val_fraction``, ``seed`` and :data:`ALIGN_SPLIT_SALT`), one shard at a time (float64 sums).
 
     Raises ValueError naming the rows with NaN or inf values (the first few and how many).
     """
     total, total_sq, count = None, None, 0
     bad_rows, bad_indices, n_bad = [], [], 0
     extra = [INDEX_FIELD] if INDEX_FIELD in store.fields else []
-    for offset, shard in zip(store.row_offsets, store.iter_shards([field_name, *extra])):
+    for shard in store.iter_shards([field_name, *extra], with_rows=True):
         x = shard[field_name].double()
-        rows = torch.arange(offset, offset + x.shape[0])
+        rows = shard[ROW_KEY]
         finite = torch.isfinite(x).all(1)
         if not finite.all():
             n_bad += int((~finite).sum())
             bad_rows += rows[~finite][:5].tolist()
             bad_indices += shard[INDEX_FIELD][~finite][:5].tolist() if extra else []
             continue
-        x = x[~rows_mask_fn(rows)]
+        x = x[~store.holdout(rows, val_fraction, seed, ALIGN_SPLIT_SALT)]
         total = x.sum(0) if total is None else total + x.sum(0)
         total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
         count += x.shape[0]
@@ -210,7 +212,8 @@ def train_encoder(
 
     store: complete, with ``clip_image`` and ``pred`` fields; class_text_emb_cd: (C, D) text
     embeddings of the classes (row = class index, as the model predicts); layer: which captured
-    layer (default: the store's first). Returns (encoder in eval mode on CPU, history dict with
+    layer (default: the store's first). Rows are held out for early stopping by the store's split
+    (``config.val_fraction``, ``seed``; store.holdout). Returns (encoder in eval mode on CPU, history dict with
     per-epoch train/val losses, best epoch, n_train/n_val). Same seed -> same encoder on CPU.
     Raises ValueError for NaN activations, a store without CLIP embeddings, or mismatched sizes.
     """
@@ -228,16 +231,17 @@ def train_encoder(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
 
-    is_val = lambda rows: _val_mask(rows, config.val_fraction, seed)  # noqa: E731
-    mean, std, n_train = _streaming_stats(store, field_name, is_val)
+    mean, std, n_train = _streaming_stats(store, field_name, config.val_fraction, seed)
     constant = std < 1e-8
     if constant.all():
         raise ValueError(f"every unit of layer {layer!r} is constant over the data; nothing to align")
     if constant.any():
         warnings.warn(f"{int(constant.sum())} constant units at {layer!r}: they get zero embeddings and are never localized")
 
-    meta = {"model": store.spec.model, "layer": layer, "pooling": store.spec.pooling, "dataset": store.spec.dataset,
-            "clip": store.spec.clip, "n_classes": int(class_text_emb_cd.shape[0])}
+    meta = {"model": store.spec.unit_identity(layer), "layer": layer, "pooling": store.spec.pooling,
+            "dataset": store.spec.dataset, "clip": store.spec.clip, "n_classes": int(class_text_emb_cd.shape[0])}
+    if store.spec.unit_transform is not None:
+        meta["unit_transform"] = store.spec.unit_transform
     encoder = NeuronEncoder(EncoderConfig(n_units, embed_dim, config.kind, config.hidden), meta)
     encoder.act_mean.copy_(mean)
     encoder.act_std.copy_(torch.where(constant, torch.ones_like(std), std))
@@ -256,16 +260,17 @@ def train_encoder(
     def run_epoch(train: bool, epoch: int) -> float:
         encoder.train(train)
         total, count = 0.0, 0
-        batches = store.iter_batches(fields, config.batch_size, shuffle=train, seed=seed * 1000 + epoch, with_rows=True)
+        batches = store.iter_batches(fields, config.batch_size, shuffle=train, seed=seed * 1000 + epoch,
+                                     split="train" if train else "val", val_fraction=config.val_fraction,
+                                     split_seed=seed, salt=ALIGN_SPLIT_SALT)
         for batch in batches:
-            rows = batch.pop(ROW_KEY)
-            keep = is_val(rows) != train
-            if keep.sum() < 2:
+            n = batch[field_name].shape[0]
+            if n < 2:
                 continue
-            acts = batch[field_name][keep].to(device).float()
+            acts = batch[field_name].to(device).float()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), torch.set_grad_enabled(train):
                 z = encoder(acts, config.unit_dropout if train else 0.0)
-                loss, _ = alignment_loss(z, text[batch["pred"][keep].to(device)], batch["clip_image"][keep].to(device),
+                loss, _ = alignment_loss(z, text[batch["pred"].to(device)], batch["clip_image"].to(device),
                                          temps, config.concept_weight, config.image_weight)
             if train:
                 opt.zero_grad(set_to_none=True)
@@ -274,8 +279,8 @@ def train_encoder(
                 with torch.no_grad():
                     first = encoder.net if config.kind == "linear" else encoder.net[0]
                     first.weight[:, encoder.constant_mask] = 0.0
-            total += loss.item() * int(keep.sum())
-            count += int(keep.sum())
+            total += loss.item() * n
+            count += n
         return total / max(count, 1)
 
     history = {"train_loss": [], "val_loss": [], "best_epoch": 0, "n_train": n_train, "n_val": store.n_rows - n_train}
@@ -316,3 +321,29 @@ def load_encoder(path: str | Path) -> NeuronEncoder:
     encoder = NeuronEncoder(EncoderConfig(**meta["config"]), meta["meta"])
     encoder.load_state_dict(state)
     return encoder.eval()
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def fit_alignment(
+    store: ActivationStore, class_text_emb_cd: torch.Tensor, *, layer: str | None = None,
+    config: AlignConfig = AlignConfig(), seed: int = 0, device: str | None = None,
+    cache: bool = True, progress: bool = True,
+) -> NeuronEncoder:
+    """:func:`train_encoder`, or its cached result (``cache_dir()/encoders/<hash>``).
+
+    The cache key hashes the store key, layer, config, seed and the class text embeddings, so any
+    change retrains. Returns the encoder in eval mode on CPU.
+    """
+    layer = layer or store.layers[0]
+    key_src = json.dumps({"store": store.spec.key, "layer": layer, "config": asdict(config), "seed": seed,
+                          "text": _tensor_digest(class_text_emb_cd), "schema": 1}, sort_keys=True)
+    path = cache_dir() / "encoders" / hashlib.sha256(key_src.encode()).hexdigest()[:20] / "encoder"
+    if cache and path.with_suffix(".json").is_file():
+        return load_encoder(path)
+    encoder, _ = train_encoder(store, class_text_emb_cd, layer=layer, config=config, seed=seed, device=device, progress=progress)
+    if cache:
+        save_encoder(encoder, path)
+    return encoder

@@ -1,8 +1,8 @@
 """Baseline unit-selection methods: Act-Values, Network Dissection, CLIP-Dissect and Captum.
 
 Every method produces a ``(C, U)`` score matrix (concepts x units, higher = better unit for concept
-c); :class:`~miclip_nb.select.ScoreSelector` turns it into a selector, so the delta-accuracy harness
-(:func:`miclip_nb.pipeline.intervention_table`) runs all methods alike. A row of NaN means "no
+c); :mod:`miclip_nb.methods` registers each one, so the delta-accuracy harness runs all methods
+alike. A row of NaN means "no
 evidence for this concept" (no probing image had it); do not select from such a row.
 
 - **Act-Values** (:func:`act_values_scores`, :func:`act_values_from_store`): a unit's mean pooled
@@ -598,18 +598,6 @@ def captum_scores(model: nn.Module, layer: str, images: torch.Tensor, labels, me
 # Harness helpers
 
 
-def score_selectors(scores: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]]) -> dict[str, list[ScoreSelector]]:
-    """``{name: (C, U) scores}`` -> ``{name: [ScoreSelector]}``, the input of
-    pipeline.intervention_table; a list of such dicts (one per seed, i.e. probing-set draw) gives
-    one selector per seed and method, in seed order."""
-    draws = [scores] if isinstance(scores, dict) else list(scores)
-    out: dict[str, list[ScoreSelector]] = {}
-    for draw in draws:
-        for name, s in draw.items():
-            out.setdefault(name, []).append(ScoreSelector(name, s))
-    return out
-
-
 @torch.no_grad()
 def pooled_activations(model: nn.Module, layer: str, images: torch.Tensor, pooling: str = "mean",
                        batch_size: int = 256, device=None) -> torch.Tensor:
@@ -634,15 +622,18 @@ ABLATION = "Ablation"
 
 @torch.no_grad()
 def ablation_scores(model: nn.Module, layer: str, images: torch.Tensor, labels, n_classes: int | None = None, *,
-                    batch_size: int = 256, device=None, progress: bool = False) -> torch.Tensor:
-    """(C, U) what zeroing each unit alone costs each class: the drop in the mean log-probability of
-    class c over the class-c images among ``images`` when unit u of ``layer`` is set to 0 at every
+                    n_units: int | None = None, edit_factory: Callable | None = None, batch_size: int = 256, device=None,
+                    progress: bool = False) -> torch.Tensor:
+    """(C, U) what removing each unit alone costs each class: the drop in the mean log-probability of
+    class c over the class-c images among ``images`` when unit u of ``layer`` is scaled by 0 at every
     location / token (higher = that unit matters more for c).
 
-    This reads the model's behaviour directly, which is what a removal experiment measures, so its
-    top units are a reference for how much removing a few units *can* cost (a greedy one: the units
-    are ranked one at a time), not an explanation. It costs U passes of the model after ``layer``
-    over the images (steer.tail_module: one full pass records the layer's outputs).
+    Units are the layer's neurons, or with ``edit_factory`` (``units.UnitSpace.edit_factory``, e.g.
+    an SAE's feature edit) and ``n_units`` whatever that edit addresses. This reads the model's
+    behaviour directly, which is what a removal experiment measures, so its top units are a
+    reference for how much removing a few units *can* cost (a greedy one: the units are ranked one
+    at a time), not an explanation. It costs U passes of the model after ``layer`` over the images
+    (steer.tail_module: one full pass records the layer's outputs).
     images: (N, 3, H, W) preprocessed; labels: (N,) ints. Rows of classes without images are NaN.
     Raises steer.SplitError for a model that cannot be cut at ``layer``.
     """
@@ -652,16 +643,18 @@ def ablation_scores(model: nn.Module, layer: str, images: torch.Tensor, labels, 
     model = model.to(dev).eval()
     labels = torch.as_tensor(labels).long()
     n_classes = int(n_classes or int(labels.max()) + 1)
+    make_edit = edit_factory or neuron_edit
     tail = tail_module(model, layer, images[:2].to(dev))
     acts, _ = cache_layer_outputs(model, images, layer, batch_size, dev)
-    n_units = acts.shape[unit_dim(acts)]
+    n_units = int(n_units or acts.shape[unit_dim(acts)])
 
     def class_logprob(edited_unit: int | None) -> torch.Tensor:  # (C,) mean log p(label) per class
         total = torch.zeros(n_classes, dtype=torch.float64)
+        edit = None if edited_unit is None else make_edit([edited_unit], "scale", 0.0)  # the tables' removal edit
         for start in range(0, acts.shape[0], batch_size):
             x = acts[start : start + batch_size].to(dev)
-            if edited_unit is not None:  # the removal edit the delta-accuracy tables apply, on one unit
-                x = neuron_edit([edited_unit], "scale", 0.0)(x)
+            if edit is not None:
+                x = edit(x)
             y = labels[start : start + batch_size]
             # as steer.cached_class_deltas: the cache holds bf16 outputs on CUDA, so the tail runs under autocast
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -676,62 +669,6 @@ def ablation_scores(model: nn.Module, layer: str, images: torch.Tensor, labels, 
     scores = (scores / counts[:, None]).float()
     scores[counts == 0] = float("nan")
     return scores
-
-
-#: Every baseline :func:`class_baseline_scores` can compute (the ablation reference is apart:
-#: :func:`ablation_scores`, or ``methods=[ABLATION]`` there).
-BASELINES: tuple[str, ...] = (ACT_VALUES, NETDISSECT, CLIP_DISSECT, *CAPTUM_METHODS.values())
-
-
-def class_baseline_scores(
-    model: nn.Module, layer: str, store: ActivationStore | None = None, *, methods: Sequence[str] = BASELINES,
-    n_classes: int | None = None, class_emb_cd: torch.Tensor | None = None, mask_probe: MaskProbe | None = None,
-    captum_images: torch.Tensor | None = None, captum_labels=None, wpmi: SoftWPMIConfig = SoftWPMIConfig(),
-    n_steps: int = 16, batch_size: int = 64, device=None, progress: bool = False, rows: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """(C, U) class scores of the requested baselines, for the delta-accuracy tables.
-
-    - Act-Values: mean pooled activation per class over ``store`` (its ``label`` field).
-    - CLIP-Dissect: soft-WPMI over ``store`` (needs its ``clip_image`` field) with the class text
-      embeddings ``class_emb_cd`` (C, D) as concepts.
-    - ``rows``: (R,) store rows that form the probing set of both (a seeded draw from
-      :func:`probe_rows`; None: every row). ``layer`` names the store field for these two, the
-      model layer for the others (the same name for neurons).
-    - NetDissect: IoU with ``mask_probe``'s masks; its concepts' first C entries must be the
-      classes (true for the Shapes world's probe: its shapes come first among its concepts).
-    - Captum-*: attributions on ``captum_images`` / ``captum_labels`` (a few per class suffice).
-    - Ablation (a causal reference, :func:`ablation_scores`): on the same images as Captum.
-    Raises ValueError naming the input a requested method lacks, or an unknown method.
-    """
-    unknown = [m for m in methods if m not in (*BASELINES, ABLATION)]
-    if unknown:
-        raise ValueError(f"unknown baseline(s) {unknown}; choose from {[*BASELINES, ABLATION]}")
-    out: dict[str, torch.Tensor] = {}
-    by_name = {v: k for k, v in CAPTUM_METHODS.items()}
-    for m in methods:
-        if m in (ACT_VALUES, CLIP_DISSECT) and store is None:
-            raise ValueError(f"{m} needs an activation store")
-        if m == ACT_VALUES:
-            out[m] = act_values_from_store(store, layer, n_classes, rows=rows)
-        elif m == CLIP_DISSECT:
-            if class_emb_cd is None:
-                raise ValueError("CLIP-Dissect needs class_emb_cd (the class text embeddings)")
-            out[m] = clip_dissect_from_store(store, class_emb_cd, layer, wpmi, rows=rows)
-        elif m == NETDISSECT:
-            if mask_probe is None:
-                raise ValueError("NetDissect needs a mask_probe")
-            s = netdissect_scores(model, layer, mask_probe, batch_size=batch_size, device=device, progress=progress)
-            out[m] = s[: n_classes or s.shape[0]]
-        elif m == ABLATION:
-            if captum_images is None or captum_labels is None:
-                raise ValueError(f"{m} needs captum_images and captum_labels")
-            out[m] = ablation_scores(model, layer, captum_images, captum_labels, n_classes, device=device, progress=progress)
-        else:
-            if captum_images is None or captum_labels is None:
-                raise ValueError(f"{m} needs captum_images and captum_labels")
-            out[m] = captum_scores(model, layer, captum_images, captum_labels, by_name[m], n_classes=n_classes,
-                                   n_steps=n_steps, batch_size=max(1, batch_size // 4), device=device, progress=progress)
-    return out
 
 
 def removal_vs_random(model: nn.Module, images: torch.Tensor, labels, layer: str, scores: dict[str, torch.Tensor], *,

@@ -30,15 +30,17 @@ import torch.nn.functional as F
 from ._checks import NonFiniteInputError, check_on_bad, nonfinite_batch, report_nonfinite  # noqa: F401 (re-exported)
 from .align import AlignConfig, NeuronEncoder
 from .capture import capture
-from .pipeline import fit_alignment
+from .align import fit_alignment
 from .steer import predict
 from .store import build_store, model_identity
 
 
 def layerwise_encoders(target, backend, dataset, layers: Sequence[str], class_text_emb_cd: torch.Tensor, *,
                        pooling: str = "mean", config: AlignConfig = AlignConfig(unit_dropout=0.0), seed: int = 0,
-                       device: str | None = None, batch_size: int = 128, progress: bool = True) -> dict[str, NeuronEncoder]:
-    """One encoder per layer, from a single capture pass (cached store) and cached trainings.
+                       device: str | None = None, batch_size: int = 128, n_items: int | None = None,
+                       progress: bool = True) -> dict[str, NeuronEncoder]:
+    """One encoder per layer, from a single capture pass (cached store) and cached trainings, on the
+    first ``n_items`` images of ``dataset`` (anything datasets.as_dataset takes; None: all).
 
     The default config trains without unit dropout: a trajectory embeds whole activation vectors,
     not single units (see :mod:`miclip_nb.align`).
@@ -46,7 +48,7 @@ def layerwise_encoders(target, backend, dataset, layers: Sequence[str], class_te
     Returns ``{layer: encoder}`` in the order of ``layers``.
     """
     store = build_store(target, dataset, list(layers), pooling=pooling, clip=backend, batch_size=batch_size,
-                        device=device, progress=progress)
+                        n_items=n_items, device=device, progress=progress)
     return {layer: fit_alignment(store, class_text_emb_cd, layer=layer, config=config, seed=seed, device=device, progress=progress)
             for layer in layers}
 

@@ -4,7 +4,9 @@ A backend is anything with ``encode_images``, ``encode_texts``, ``preprocess``, 
 ``fingerprint`` (see :class:`EmbeddingBackend`). :class:`OpenClipBackend` wraps any open_clip model
 (real CLIP ViT-B/16 'openai' on a user's machine, a plug-in's CLIP such as the Shapes world's
 ToyCLIP); :class:`FunctionBackend` wraps two plain functions, so any vision-language model can be
-plugged in.
+plugged in. :func:`as_backend` checks that an object is a backend and adapts a CLIP-style model
+(``encode_image`` / ``encode_text``, e.g. a raw open_clip model with its tokenizer and preprocess),
+or says exactly which members it lacks.
 
 A backend owns its prompts: :func:`concept_texts` turns a concept word into the texts it embeds
 (``backend.prompts(concept)`` where the backend has that method, else the open_clip templates
@@ -14,6 +16,8 @@ A backend owns its prompts: :func:`concept_texts` turns a concept word into the 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import pickle
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,10 @@ DEFAULT_TEMPLATES: tuple[str, ...] = _open_clip_templates()
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights were asked for but cannot be downloaded or found locally."""
+
+
+class WeightsMismatchError(ValueError):
+    """A weights file whose tensors do not fit the model: missing, unexpected or mis-shaped keys."""
 
 
 @runtime_checkable
@@ -146,6 +154,125 @@ class FunctionBackend:
         return F.normalize(self.text_fn(texts).float(), dim=-1)
 
 
+#: The members an :class:`EmbeddingBackend` has, in the order error messages list them.
+BACKEND_MEMBERS: tuple[str, ...] = ("encode_images", "encode_texts", "preprocess", "embed_dim", "fingerprint")
+
+
+def missing_backend_members(obj) -> list[str]:
+    """The :data:`BACKEND_MEMBERS` that ``obj`` lacks or has in an unusable form (a method that is
+    not callable, an ``embed_dim`` that is not a positive int, a ``fingerprint`` that is not a
+    non-empty str). An empty list means ``obj`` is a backend."""
+    missing = []
+    for member in BACKEND_MEMBERS:
+        value = getattr(obj, member, None)
+        if member == "embed_dim":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        elif member == "fingerprint":
+            ok = isinstance(value, str) and bool(value)
+        else:
+            ok = callable(value)
+        if not ok:
+            missing.append(member)
+    return missing
+
+
+def _how_to_plug_in() -> str:
+    return ("To plug a model in: embed.as_backend(model, preprocess=..., tokenizer=...) adapts a CLIP-style model "
+            "(encode_image(images) and encode_text(tokens or strings), e.g. an open_clip model with "
+            "open_clip.get_tokenizer(name) and its preprocess); embed.FunctionBackend(image_fn, text_fn, preprocess, "
+            "embed_dim, fingerprint) wraps two plain functions.")
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def as_backend(obj, *, preprocess: Callable | None = None, tokenizer: Callable | None = None,
+               name: str | None = None) -> EmbeddingBackend:
+    """``obj`` as an :class:`EmbeddingBackend`.
+
+    - A backend (every member of :data:`BACKEND_MEMBERS`) is returned unchanged.
+    - A CLIP-style model (callable ``encode_image(images (N, 3, H, W)) -> (N, D)`` and
+      ``encode_text``) is adapted: with ``tokenizer`` (strings -> token tensor, e.g.
+      ``open_clip.get_tokenizer(name)``), ``encode_text`` takes its tokens and an ``nn.Module``
+      becomes an :class:`OpenClipBackend` on the module's device; without one, ``encode_text``
+      must take a list of strings, and the result is a :class:`FunctionBackend`. ``preprocess``
+      (PIL -> (3, H, W) tensor) defaults to ``obj.preprocess``. An ``nn.Module`` is put in eval
+      mode, and its fingerprint comes from its weights (:func:`state_fingerprint`); another
+      object needs a ``fingerprint`` str of its own. ``name`` labels the fingerprint (default:
+      the class name).
+
+    Raises TypeError naming exactly the members ``obj`` lacks (and how to plug a model in with
+    :class:`FunctionBackend` / ``as_backend``), also when a CLIP-style model lacks ``preprocess``
+    or a fingerprint, or its ``encode_text`` does not take strings and no tokenizer was given.
+    Raises ValueError when ``preprocess``/``tokenizer`` are given with an object that is already
+    a backend (they would be ignored).
+    """
+    missing = missing_backend_members(obj)
+    if not missing:
+        if preprocess is not None or tokenizer is not None:
+            raise ValueError(f"{type(obj).__name__} is already an embedding backend; preprocess= and tokenizer= "
+                             "only apply to a CLIP-style model being adapted")
+        return obj
+    if not (callable(getattr(obj, "encode_image", None)) and callable(getattr(obj, "encode_text", None))):
+        raise TypeError(f"{type(obj).__name__} is not an embedding backend: it lacks {', '.join(missing)}. "
+                        f"A backend (miclip_nb.embed.EmbeddingBackend) has {', '.join(BACKEND_MEMBERS)}. "
+                        + _how_to_plug_in())
+    return _adapt_clip_style(obj, preprocess, tokenizer, name)
+
+
+def _adapt_clip_style(model, preprocess, tokenizer, name) -> EmbeddingBackend:
+    kind = type(model).__name__
+    preprocess = preprocess if preprocess is not None else getattr(model, "preprocess", None)
+    is_module = isinstance(model, torch.nn.Module)
+    fingerprint = getattr(model, "fingerprint", None)
+    lacking = [m for m, ok in (("preprocess", callable(preprocess)),
+                               ("fingerprint", is_module or (isinstance(fingerprint, str) and bool(fingerprint)))) if not ok]
+    if lacking:
+        raise TypeError(
+            f"{kind} is a CLIP-style model (encode_image/encode_text) but lacks {', '.join(lacking)}: pass "
+            "as_backend(model, preprocess=...) (open_clip: the third value of create_model_and_transforms); a model "
+            "that is not an nn.Module needs a fingerprint str that changes with its weights. " + _how_to_plug_in())
+    label = name or kind
+
+    def text_failure(err: Exception) -> TypeError:
+        call = "(tokenizer(texts))" if tokenizer is not None else "(list of str)"
+        return TypeError(
+            f"{kind}.encode_text{call} failed ({type(err).__name__}: {str(err)[:160]}). If encode_text takes tokens, "
+            "pass as_backend(model, tokenizer=...) (open_clip: open_clip.get_tokenizer(name)). " + _how_to_plug_in())
+
+    if is_module:
+        model.eval()
+        device = _module_device(model)
+        if tokenizer is not None:
+            try:  # its constructor embeds one text to learn embed_dim
+                return OpenClipBackend(model, tokenizer, preprocess, label, device)
+            except Exception as err:
+                raise text_failure(err) from err
+        fingerprint = f"{label}:{state_fingerprint(model)}"
+
+        def image_fn(images: torch.Tensor) -> torch.Tensor:
+            return model.encode_image(images.to(device))
+    else:
+        fingerprint = f"{label}:{fingerprint}"
+        image_fn = model.encode_image
+    if tokenizer is not None:  # an object that is not an nn.Module, with a tokenizer
+        def text_fn(texts: list[str]) -> torch.Tensor:
+            return model.encode_text(tokenizer(texts))
+    else:
+        text_fn = model.encode_text
+    try:
+        with torch.no_grad():
+            probe = text_fn(["a photo"])
+        if not isinstance(probe, torch.Tensor) or probe.ndim != 2 or probe.shape[0] != 1:
+            raise TypeError(f"returned {type(probe).__name__} {tuple(getattr(probe, 'shape', ()))}, not a (1, D) tensor")
+    except Exception as err:
+        raise text_failure(err) from err
+    return FunctionBackend(image_fn, text_fn, preprocess, int(probe.shape[1]), fingerprint)
+
+
 def load_clip(
     name: str = "ViT-B-16",
     pretrained: str | None = "openai",
@@ -161,7 +288,8 @@ def load_clip(
     ``("ViT-B-16", "openai")``), or ``checkpoint_path`` to a local weights file of that
     architecture, or ``pretrained=None`` for random weights (tests only).
     Raises WeightsUnavailableError with instructions when weights cannot be obtained, FileNotFoundError
-    for a missing checkpoint, ValueError for an unknown name.
+    for a missing checkpoint, WeightsMismatchError naming the keys of a checkpoint that does not fit,
+    ValueError for an unknown name or a checkpoint holding a pickled model.
     """
     import open_clip
 
@@ -176,7 +304,16 @@ def load_clip(
         path = Path(checkpoint_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{path} holds pickled Python objects, not just tensors (e.g. a whole model saved with "
+                             "torch.save(model, path)): refused, since unpickling can run arbitrary code. Save "
+                             "model.state_dict() instead.") from err
+        except RuntimeError as err:  # load_state_dict(strict=True): torch's message names the keys
+            if not any(k in str(err) for k in ("Missing key", "Unexpected key", "size mismatch")):
+                raise
+            raise WeightsMismatchError(f"CLIP checkpoint {path} does not fit open_clip {name!r}: {str(err)[:600]}") from err
         label = f"{name}:{path.name}"
     else:
         try:
@@ -213,8 +350,11 @@ def build_concept_bank(
 
     Returns (C, D) unit-norm rows, in the order given. Raises ValueError for an empty list, an
     empty concept, duplicates (unless ``allow_duplicates``: ImageNet has two "crane" classes), a
-    template without ``{}``, or a backend that gives concepts different numbers of prompts.
+    template without ``{}``, or a backend that gives concepts different numbers of prompts;
+    TypeError (see :func:`as_backend`) for an object that is not a backend nor CLIP-style.
     """
+    if not callable(getattr(backend, "encode_texts", None)):  # a CLIP-style model, or a clear TypeError
+        backend = as_backend(backend)
     concepts = [str(c).strip() for c in concepts] if allow_duplicates else validate_concepts(concepts)
     if not concepts or not all(concepts):
         raise ValueError("concepts must be non-empty strings")

@@ -175,14 +175,40 @@ def mask_grounding(target, layer: str, dataset, heatmap_fn: Callable[[torch.Tens
     n_images, iou (mean), chance_iou (random selection of the same size), area (mask share).
     """
     images, masks = masked_images(dataset, n_images, preprocess or target.preprocess)
-    return _grounding_rows(images, masks, list(dataset.mask_concepts), heatmap_fn, concept_units, quantile)
+    return _grounding_rows(images, masks, list(_masked(dataset).mask_concepts), heatmap_fn, concept_units, quantile)
+
+
+def _masked(dataset):
+    """The object that holds a dataset's masks: itself, or the user's object datasets.as_dataset wraps."""
+    return dataset if hasattr(dataset, "mask_concepts") else getattr(dataset, "source", dataset)
+
+
+def has_masks(dataset) -> bool:
+    """Whether a dataset offers pixel masks (``mask_concepts`` and ``masks(i)``; see :func:`mask_grounding`)."""
+    source = _masked(dataset)
+    return hasattr(source, "mask_concepts") and callable(getattr(source, "masks", None))
+
+
+def images_showing(dataset, concept: str, n_with: int = 6, n_without: int = 2, n_max: int = 300) -> list[int]:
+    """Indices of up to ``n_with`` images among the first ``n_max`` whose masks show ``concept``,
+    then ``n_without`` that do not (for heatmaps with controls); without masks, the first
+    ``n_with + n_without`` images. Raises ValueError for a concept the masks do not know."""
+    if not has_masks(dataset):
+        return list(range(min(n_with + n_without, len(dataset))))
+    source = _masked(dataset)
+    names = list(source.mask_concepts)
+    if concept not in names:
+        raise ValueError(f"no masks of {concept!r}; the dataset has masks of {names}")
+    shown = [bool(np.asarray(source.masks(i))[names.index(concept)].any()) for i in range(min(n_max, len(dataset)))]
+    return ([i for i, s in enumerate(shown) if s][:n_with] + [i for i, s in enumerate(shown) if not s][:n_without])
 
 
 def masked_images(dataset, n_images: int, preprocess: Callable) -> tuple[torch.Tensor, np.ndarray]:
     """The first ``n_images`` of a masked dataset (see :func:`mask_grounding`): ((N, 3, H, W)
     preprocessed images, (N, K, h, w) bool masks of ``dataset.mask_concepts``). Raises TypeError
     for a dataset without masks."""
-    if not (hasattr(dataset, "mask_concepts") and callable(getattr(dataset, "masks", None))):
+    dataset = _masked(dataset)
+    if not has_masks(dataset):
         raise TypeError(f"{type(dataset).__name__} has no pixel masks (needs .mask_concepts and .masks(i))")
     n = min(n_images, len(dataset))
     images = torch.stack([preprocess(dataset[i][0]) for i in range(n)])
@@ -247,7 +273,7 @@ def sae_concept_grounding(target, layer: str, sae, feature_emb_fd: torch.Tensor,
     """
     picked = localized_features(feature_emb_fd, concept_emb_cd, concepts, tau)
     images, masks = masked_images(dataset, n_images, target.preprocess)
-    mask_concepts = list(dataset.mask_concepts)
+    mask_concepts = list(_masked(dataset).mask_concepts)
     present = {c: masks[:, mask_concepts.index(c)].any((1, 2)) for c in picked}
     # One pass over all images per concept and reading, at the layer's grid: its maximum gives the
     # AUROC, its upsampled rows for the images that show the concept give the IoU.

@@ -302,3 +302,24 @@ def encode_concepts(backend: EmbeddingBackend, concepts: Sequence[str], template
     ``templates``. Raises ValueError for an invalid concept list.
     """
     return build_concept_bank(backend, validate_concepts(concepts), templates)
+
+
+def localization_table(unit_emb_ud: torch.Tensor, concept_emb_cd: torch.Tensor, concepts: Sequence[str], *,
+                       reference_kd: torch.Tensor | None = None, temperature: float = DEFAULT_TEMPERATURE, tau: int = 5):
+    """The top-``tau`` units of each concept under both rankings, side by side: a DataFrame with rows
+    = rank (1..tau) and columns = (concept, scoring), scoring "posterior" (against ``reference_kd``,
+    default the concepts themselves) and "cosine". concept_emb_cd: (C, D) for the C ``concepts``.
+    Raises ValueError for mismatched counts, and as :func:`concept_unit_scores`."""
+    import pandas as pd
+
+    if concept_emb_cd.shape[0] != len(concepts):
+        raise ValueError(f"{concept_emb_cd.shape[0]} concept embeddings for {len(concepts)} concepts")
+    reference = concept_emb_cd if reference_kd is None else reference_kd
+    columns = {}
+    for scoring in SCORINGS:
+        scores = concept_unit_scores(unit_emb_ud, concept_emb_cd, scoring, reference, temperature)
+        for name, row in zip(concepts, scores):
+            columns[(name, scoring)] = top_k(row, tau, "units")[0].tolist()
+    table = pd.DataFrame(columns, index=pd.Index(range(1, tau + 1), name="rank"))
+    table.columns = pd.MultiIndex.from_tuples(table.columns, names=["concept", "scoring"])
+    return table[[(c, s) for c in concepts for s in SCORINGS]]

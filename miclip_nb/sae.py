@@ -17,11 +17,17 @@ Workflow (each step streams from an :class:`~miclip_nb.store.ActivationStore`, o
 
 1. ``build_store(target, dataset, [layer], pooling="none", clip=backend)``: token/map store;
 2. :func:`train_sae`: the SAE and its held-out metrics (NMSE, explained variance, L0, dead share);
-3. :func:`build_sae_code_store` (from that store) or :func:`build_sae_code_store_from_model`
-   (batch by batch from the model, on as many images as the alignment needs): per-image pooled
-   codes in a new store that :func:`~miclip_nb.align.train_encoder` reads like neurons (u = f_i),
-   so unit_embeddings / localize / describe work unchanged. Features seen on few images get noisy
-   embeddings: :func:`drop_rare_units` keeps localize away from them (see :func:`feature_frequency`);
+3. per-image pooled codes in a store that :func:`~miclip_nb.align.train_encoder` reads like
+   neurons (u = f_i), so unit_embeddings / localize / describe work unchanged. An SAE code store is
+   an ordinary store built with the unit transform :class:`SAECodes` (the codes of every token /
+   location, pooled as the store says): ``store.derive_store(tokens, SAECodes(sae), pooling="max")``
+   from the token store, or ``store.build_store(target, dataset, [layer], pooling="max",
+   clip=backend, transform=SAECodes(sae))`` batch by batch from the model (on as many images as
+   the alignment needs, never storing tokens); both give the same folder. Its field is
+   ``acts/<layer>`` (the real layer). :func:`build_sae_code_store` and
+   :func:`build_sae_code_store_from_model` are thin wrappers of these. Features seen on few images
+   get noisy embeddings: :func:`drop_rare_units` keeps localize away from them (see
+   :func:`feature_frequency`);
 4. :func:`sae_edit_factory`: steer features with ``steer.class_deltas(..., edit_factory=...)``.
 
 Spatial grounding of features (heatmaps, IoU with masks) lives in :mod:`miclip_nb.grounding`.
@@ -29,10 +35,10 @@ Spatial grounding of features (heatmaps, IoU with masks) lives in :mod:`miclip_n
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
-import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,10 +54,14 @@ from ._paths import cache_dir
 from ._progress import bars_off
 from .embed import state_fingerprint
 from .steer import MODES
-from .store import METADATA, ActivationStore, StoreError, StoreSpec, StoreWriter, acts_field
+from .store import ActivationStore, StoreSpec, acts_field, build_store, derive_store
+from .store import infer_n_prefix as _infer_n_prefix
 
 SAE_SCHEMA_VERSION = 1
 CODE_POOLINGS = ("mean", "max")
+#: The salt of the SAE's held-out split (store.holdout); align uses 0. Kept so that a seed gives
+#: the same SAE as before the split moved into the store.
+SAE_SPLIT_SALT = 12345
 
 
 class SAEMismatchError(ValueError):
@@ -206,8 +216,7 @@ class TopKSAE(nn.Module):
 def infer_n_prefix(n_tokens: int) -> int:
     """Leading non-patch tokens of a ViT output with ``n_tokens`` tokens, assuming a square patch
     grid (65 -> 1, 197 -> 1, 201 -> 5, 64 -> 0). Pass ``n_prefix`` explicitly where that fails."""
-    side = math.isqrt(n_tokens)
-    return n_tokens - side * side
+    return _infer_n_prefix(n_tokens)
 
 
 def vectors(acts: torch.Tensor) -> torch.Tensor:
@@ -234,18 +243,9 @@ def _layer_geometry(store: ActivationStore, field_name: str, n_prefix: int | Non
     raise ValueError(f"cannot train an SAE on per-row shape {shape}")
 
 
-def _val_mask(rows: torch.Tensor, val_fraction: float, seed: int) -> torch.Tensor:
-    """Deterministic held-out membership of global row (image) indices."""
-    h = (rows * 2654435761 + seed * 97531 + 12345) % 4294967296
-    return h < int(val_fraction * 4294967296)
-
-
-def _shard_vectors(acts: torch.Tensor, offset: int, n_prefix: int, include_prefix: bool, val_fraction: float,
-                   seed: int, held_out: bool) -> torch.Tensor:
-    """The (M, D) vectors of one shard's training (or held-out) images; ``offset``: its first row."""
-    rows = torch.arange(offset, offset + acts.shape[0])
-    keep = _val_mask(rows, val_fraction, seed) == held_out
-    vec = vectors(acts[keep])
+def _flat_vectors(acts: torch.Tensor, n_prefix: int, include_prefix: bool) -> torch.Tensor:
+    """The (M, D) vectors of a batch of rows' activations (prefix tokens dropped unless included)."""
+    vec = vectors(acts)
     if acts.ndim == 3 and not include_prefix:
         vec = vec[:, n_prefix:]
     return vec.reshape(-1, vec.shape[-1])
@@ -255,16 +255,11 @@ def _iter_vectors(store: ActivationStore, field_name: str, n_prefix: int, includ
                   val_fraction: float, seed: int, held_out: bool, shard_order: Sequence[int] | None = None,
                   ) -> Iterator[torch.Tensor]:
     """Yield, per shard (in ``shard_order``), the (M, D) vectors of its training or held-out
-    images. One shard in memory at a time, each checked against its sha256 by the store."""
-    offsets = store.row_offsets
-    for si in range(len(offsets)) if shard_order is None else shard_order:
-        acts = _read_shard(store, si, [field_name])[field_name]
-        yield _shard_vectors(acts, offsets[si], n_prefix, include_prefix, val_fraction, seed, held_out)
-
-
-def _read_shard(store: ActivationStore, index: int, fields: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``store.read_shard`` (the single point where training reads shards; tests spy on it)."""
-    return store.read_shard(index, fields)
+    images (the store's split, salt :data:`SAE_SPLIT_SALT`). One shard in memory at a time, each
+    checked against its sha256 by the store."""
+    for shard in store.iter_shards([field_name], split="val" if held_out else "train", val_fraction=val_fraction,
+                                   split_seed=seed, salt=SAE_SPLIT_SALT, order=shard_order):
+        yield _flat_vectors(shard[field_name], n_prefix, include_prefix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,11 +322,8 @@ def train_sae(
     total = torch.zeros(d_in, dtype=torch.float64)
     total_sq = torch.zeros((), dtype=torch.float64)
     count = 0
-    offset = 0
-    for shard in store.iter_shards([field_name]):  # also verifies every shard's sha256, once
-        acts = shard[field_name]
-        x = _shard_vectors(acts, offset, n_prefix, config.include_prefix, config.val_fraction, seed, False).double()
-        offset += acts.shape[0]
+    for x in train_vectors():  # also verifies every shard's sha256, once
+        x = x.double()
         if not torch.isfinite(x).all():
             raise ValueError(f"activations of {layer!r} in {store.dir} contain NaN or inf")
         total += x.sum(0)
@@ -421,12 +413,7 @@ def _vectors_per_shard(store: ActivationStore, field_name: str, n_prefix: int, c
         per_row = shape[0] - (0 if config.include_prefix else n_prefix)
     else:  # pooled vectors or maps
         per_row = 1 if len(shape) == 1 else shape[1] * shape[2]
-    out, offset = [], 0
-    for shard in store.meta["shards"]:
-        rows = torch.arange(offset, offset + shard["n"])
-        offset += shard["n"]
-        out.append(int((~_val_mask(rows, config.val_fraction, seed)).sum()) * per_row)
-    return out
+    return [n * per_row for n in store.split_sizes("train", config.val_fraction, seed, SAE_SPLIT_SALT)]
 
 
 @torch.no_grad()
@@ -531,34 +518,63 @@ def pool_codes(codes_ntf: torch.Tensor, pooling: str = "mean", n_prefix: int = 0
 
 
 def sae_store_spec(source: StoreSpec, sae: TopKSAE, layer: str, pooling: str, name: str, n_prefix: int) -> StoreSpec:
-    """The spec of a code store made from ``source`` (the spec of the token/map activations it
-    encodes): the same images and CLIP, with the source key and the SAE's fingerprint in
-    ``model``, so a retrained SAE or other activations never reuse stale codes."""
+    """The spec code stores had before they became stores built with :class:`SAECodes` (kept for
+    its ``model`` string, ``<model>|source=<key>|layer=<layer>|sae=<fingerprint>|n_prefix=<n>``,
+    the form in which interpret.UnitProvenance reads SAE provenance; new code stores have
+    ``spec.unit_identity(layer)`` of that form instead). ``source``: the spec of the token/map
+    activations; the result has the same images and CLIP."""
     model = f"{source.model}|source={source.key}|layer={layer}|sae={sae.fingerprint}|n_prefix={n_prefix}"
     return StoreSpec(model=model, layers=(name,), pooling=pooling, dataset=source.dataset, n_items=source.n_items,
                      transform=source.transform, clip=source.clip, clip_transform=source.clip_transform, dtype=source.dtype)
 
 
-def _reuse_or_clear(out_dir: Path, spec: StoreSpec) -> ActivationStore | None:
-    """The complete store at ``out_dir`` when it has ``spec``; otherwise remove the folder."""
-    if (out_dir / METADATA).is_file():
-        try:
-            existing = ActivationStore(out_dir)
-            if existing.spec == spec and existing.complete:
-                existing.verify()
-                return existing
-        except StoreError as err:
-            warnings.warn(f"{err}; rebuilding the SAE code store", stacklevel=3)
-        shutil.rmtree(out_dir)
-    return None
+class SAECodes:
+    """A unit transform (store.UnitTransform): a layer's raw output -> the SAE's codes at every
+    token / location, in the layer's layout: (N, T, D) -> (N, T, F), (N, C, H, W) -> (N, F, H, W),
+    (N, D) -> (N, F) (float32). The store's pooling then pools them over patch tokens / space.
+
+    ``build_store(target, dataset, [layer], pooling="max", transform=SAECodes(sae))`` or
+    ``derive_store(tokens, SAECodes(sae), pooling="max")`` make a code store. ``fingerprint``
+    identifies the SAE's architecture and current weights. The caller's SAE is never moved: codes
+    on another device come from a copy of it there, made at first use (edit the SAE, make a new
+    SAECodes). Raises SAEMismatchError for activations of
+    another width, and from :meth:`check_source` for another model or layer than the SAE's.
+    """
+
+    def __init__(self, sae: TopKSAE):
+        self.sae = sae
+        self._copies: dict[str, TopKSAE] = {}
+
+    @property
+    def fingerprint(self) -> str:
+        """``"sae=<TopKSAE.fingerprint>"``: the SAE's architecture and current weights."""
+        return f"sae={self.sae.fingerprint}"
+
+    def check_source(self, model: str, layer: str) -> None:
+        """Raise SAEMismatchError unless the SAE was trained on this model identity and layer."""
+        self.sae.check_compatible(model=model, layer=layer)
+
+    def _on(self, device: torch.device) -> TopKSAE:
+        """The SAE itself where it sits on ``device``, else its copy there (made at first use)."""
+        if next(self.sae.parameters()).device == device:
+            return self.sae
+        if str(device) not in self._copies:
+            self._copies[str(device)] = copy.deepcopy(self.sae).to(device)
+        return self._copies[str(device)]
+
+    def __call__(self, acts: torch.Tensor) -> torch.Tensor:
+        sae = self._on(acts.device)
+        if acts.ndim == 4:  # maps: channels last for the SAE, then back
+            return sae.encode(acts.movedim(1, -1).float()).float().movedim(-1, 1)
+        if acts.ndim in (2, 3):
+            return sae.encode(acts.float()).float()
+        raise ValueError(f"expected (N, D), (N, T, D) or (N, C, H, W) activations, got {tuple(acts.shape)}")
 
 
-def _pooled_rows(sae: TopKSAE, acts: torch.Tensor, pooling: str, n_prefix: int, name: str, dtype: torch.dtype,
-                 device: torch.device) -> dict[str, torch.Tensor]:
-    vec = vectors(acts).to(device).float()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        codes = sae.encode(vec)
-    return {acts_field(name): pool_codes(codes.float(), pooling, n_prefix).cpu().to(dtype)}
+def _deprecated_name(name: str | None, layer: str) -> None:
+    if name is not None and name != layer:
+        warnings.warn(f"name={name!r} is ignored: an SAE code store's field is acts/{layer} (the layer itself); "
+                      "its spec's unit_transform tells it from the layer's neurons", DeprecationWarning, stacklevel=3)
 
 
 @torch.no_grad()
@@ -576,51 +592,36 @@ def build_sae_code_store(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> ActivationStore:
-    """A store of per-image pooled SAE codes, read by align.train_encoder like neurons.
+    """A store of per-image pooled SAE codes, read by align.train_encoder like neurons:
+    ``store.derive_store(store, SAECodes(sae), layers=[layer], pooling=pooling, ...)``.
 
     pooling: "mean" (default) or "max" over patch tokens / locations. On the toy ViT, max pooling
     localized colour features a little better (a feature firing on a small object is not diluted
     by the background); with max pooling, features that fire on clutter count as present.
 
     store: token/map store (``pooling="none"``) of ``layer``; the result has field
-    ``acts/<name>`` (N, n_latents) (``name`` default ``"<layer>:sae"``) plus the source's
-    ``label``, ``pred`` and ``clip_image``. Its key hashes the source store key and the SAE's
+    ``acts/<layer>`` (N, n_latents) plus the source's ``label``, ``pred`` and ``clip_image``
+    (``name`` is ignored, with a DeprecationWarning). Its key hashes the source's spec and the SAE's
     weights, so a retrained SAE never reuses stale codes; an existing complete store is reused.
+    n_prefix: default the SAE's, else inferred from a square patch grid.
     Raises SAEMismatchError when the SAE was trained on another model/layer or size, ValueError
-    for an unknown pooling or layer.
+    for an unknown pooling or layer, or a pooled store.
     """
     layer = layer or store.layers[0]
-    field_name = acts_field(layer)
-    if field_name not in store.fields:
+    if acts_field(layer) not in store.fields:
         raise ValueError(f"store has no layer {layer!r}; layers: {list(store.layers)}")
     if pooling not in CODE_POOLINGS:
         raise ValueError(f"code pooling must be one of {CODE_POOLINGS}, got {pooling!r}")
-    d_in, n_prefix = _layer_geometry(store, field_name, n_prefix if n_prefix is not None else sae.meta.get("n_prefix"))
-    if d_in != sae.d_in:
-        raise SAEMismatchError(f"SAE expects vectors of size {sae.d_in}, layer {layer!r} has {d_in}")
-    sae.check_compatible(model=store.spec.model, layer=layer)
-    if len(store.fields[field_name]) != 2:
-        n_prefix = 0  # CNN maps and pooled vectors have no prefix tokens
-    name = name or f"{layer}:sae"
-    spec = sae_store_spec(store.spec, sae, layer, pooling, name, n_prefix)
-    out_dir = (Path(root) if root is not None else cache_dir() / "stores") / spec.key
-    existing = _reuse_or_clear(out_dir, spec)
-    if existing is not None:
-        return existing
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sae = sae.to(device).eval()
-    extra = [f for f in ("label", "pred", "clip_image") if f in store.fields]
-    dtype = getattr(torch, spec.dtype.split(".")[-1])
-    with StoreWriter(out_dir, spec, shard_size or int(store.meta.get("shard_size", 2048))) as writer:
-        for shard in tqdm(store.iter_shards([field_name, *extra]), total=len(store.meta["shards"]),
-                          desc=f"SAE codes {layer}", disable=bars_off(progress)):
-            acts = shard[field_name]
-            for start in range(0, acts.shape[0], batch_size):
-                rows = _pooled_rows(sae, acts[start : start + batch_size], pooling, n_prefix, name, dtype, device)
-                rows.update({f: shard[f][start : start + batch_size] for f in extra})
-                writer.append(rows)
-    sae.cpu()
-    return ActivationStore(out_dir)
+    _deprecated_name(name, layer)
+    shape = store.fields[acts_field(layer)]
+    width = shape[-1] if len(shape) != 3 else shape[0]
+    if width != sae.d_in:
+        raise SAEMismatchError(f"SAE expects vectors of size {sae.d_in}, layer {layer!r} has {width}")
+    n_prefix = n_prefix if n_prefix is not None else sae.meta.get("n_prefix")
+    if len(shape) != 2:
+        n_prefix = 0  # CNN maps have no prefix tokens
+    return derive_store(store, SAECodes(sae), layers=[layer], pooling=pooling, n_prefix=n_prefix, root=root,
+                        shard_size=shard_size, batch_size=batch_size, device=device, progress=progress)
 
 
 @torch.no_grad()
@@ -641,66 +642,47 @@ def build_sae_code_store_from_model(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> ActivationStore:
-    """Like :func:`build_sae_code_store`, straight from a model: capture ``layer`` batch by batch,
-    encode and pool, never storing the token/map activations (so the alignment can use many more
-    images than the SAE was trained on, at the cost of one float per feature and image).
+    """Like :func:`build_sae_code_store`, straight from a model: ``store.build_store(target,
+    dataset, [layer], pooling=pooling, clip=clip, transform=SAECodes(sae), ...)`` captures
+    ``layer`` batch by batch, encodes and pools, never storing the token/map activations (so the
+    alignment can use many more images than the SAE was trained on).
 
-    target: a zoo.TargetModel; dataset: yields (PIL image, label) with a ``fingerprint``; clip: an
-    EmbeddingBackend (needed for alignment). The spec is that of the token store
-    ``build_store(target, dataset, [layer], pooling="none", clip=clip)`` would make, plus the SAE:
-    the same key as :func:`build_sae_code_store` on that store. Raises SAEMismatchError when the
-    SAE was trained on another model or layer, ValueError for an unknown pooling.
+    target: a zoo.TargetModel; dataset: anything datasets.as_dataset takes; clip: an
+    EmbeddingBackend (needed for alignment). Same folder as :func:`build_sae_code_store` on
+    ``build_store(target, dataset, [layer], pooling="none", clip=clip)`` (``name`` is ignored,
+    with a DeprecationWarning). Raises SAEMismatchError when the SAE was trained on another model
+    or layer (before any work) or size, ValueError for an unknown pooling.
     """
-    from .capture import hooked_activations, num_prefix_tokens, resolve_layer
-    from .datasets import PairedTransform
-    from .store import store_spec
-
     if pooling not in CODE_POOLINGS:
         raise ValueError(f"code pooling must be one of {CODE_POOLINGS}, got {pooling!r}")
-    resolve_layer(target.module, layer)
-    source = store_spec(target, dataset, [layer], "none", clip, n_items)
-    sae.check_compatible(model=source.model, layer=layer)
-    model = target.module
-    name = name or f"{layer}:sae"
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(device).eval()
-    first_image, _ = dataset[0]
-    with hooked_activations(model, [layer], "none") as captured:  # one image: the layer's output shape
-        model(target.preprocess(first_image).unsqueeze(0).to(device))
-        probe = captured[layer]
-    width = probe.shape[-1] if probe.ndim == 3 else probe.shape[1]
-    if probe.ndim not in (3, 4) or width != sae.d_in:
-        raise SAEMismatchError(f"SAE expects vectors of size {sae.d_in}, layer {layer!r} outputs {tuple(probe.shape)}")
-    n_prefix = num_prefix_tokens(model) if probe.ndim == 3 else 0
-    spec = sae_store_spec(source, sae, layer, pooling, name, n_prefix)
-    out_dir = (Path(root) if root is not None else cache_dir() / "stores") / spec.key
-    existing = _reuse_or_clear(out_dir, spec)
-    if existing is not None:
-        return existing
-    loader = torch.utils.data.DataLoader(
-        PairedTransform(torch.utils.data.Subset(dataset, range(source.n_items)), target.preprocess,
-                        None if clip is None else clip.preprocess),
-        batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    sae = sae.to(device).eval()
-    dtype = getattr(torch, spec.dtype.split(".")[-1])
-    with StoreWriter(out_dir, spec, shard_size) as writer, hooked_activations(model, [layer], "none") as captured:
-        for x_model, x_clip, labels in tqdm(loader, desc=f"SAE codes {layer}", disable=bars_off(progress)):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(x_model.to(device, non_blocking=True))
-            rows = _pooled_rows(sae, captured[layer], pooling, n_prefix, name, dtype, device)
-            rows["label"] = torch.as_tensor(labels, dtype=torch.long)
-            rows["pred"] = logits.argmax(-1).cpu()
-            if clip is not None:
-                rows["clip_image"] = clip.encode_images(x_clip).to(dtype)
-            writer.append(rows)
-    sae.cpu()
-    return ActivationStore(out_dir)
+    _deprecated_name(name, layer)
+    return build_store(target, dataset, [layer], pooling=pooling, clip=clip, n_items=n_items, root=root,
+                       batch_size=batch_size, shard_size=shard_size, num_workers=num_workers, device=device,
+                       progress=progress, transform=SAECodes(sae))
+
+
+def code_store(sae: TopKSAE, tokens: ActivationStore, *, target=None, dataset=None, n_items: int | None = None,
+               clip=None, pooling: str = "mean", batch_size: int = 64, device: str | torch.device | None = None,
+               progress: bool = True) -> ActivationStore:
+    """The store of per-image pooled codes that MiClip aligns SAE features with: from the token store
+    the SAE was trained on (``dataset=None``: :func:`build_sae_code_store`, no model pass; the
+    tokens' store must then hold CLIP embeddings), or from ``target`` over ``dataset`` (its first
+    ``n_items``; :func:`build_sae_code_store_from_model`, with ``clip``), to align on more images
+    than the SAE saw. ``tokens``: the token store of the SAE's layer. Raises as those two."""
+    layer = tokens.layers[0]
+    if dataset is None:
+        return build_sae_code_store(tokens, sae, layer, pooling=pooling, batch_size=batch_size, device=device,
+                                    progress=progress)
+    if target is None:
+        raise ValueError("a code store from images needs the target model (target=)")
+    return build_sae_code_store_from_model(target, dataset, layer, sae, clip=clip, pooling=pooling, n_items=n_items,
+                                           batch_size=batch_size, device=device, progress=progress)
 
 
 @torch.no_grad()
 def feature_frequency(code_store: ActivationStore, layer: str | None = None) -> torch.Tensor:
     """(F,) share of images on which each feature fires (pooled code > 0), streamed over a code
-    store from :func:`build_sae_code_store`."""
+    store (built with :class:`SAECodes`; ``layer`` default its first)."""
     field_name = acts_field(layer or code_store.layers[0])
     fired, n = None, 0
     for shard in code_store.iter_shards([field_name]):

@@ -62,18 +62,26 @@ class MiClipSelector:
 
 
 class RandomSelector:
-    """The control: ``tau`` units drawn uniformly without replacement, seeded by (seed, concept)."""
+    """The control: ``tau`` units drawn uniformly without replacement, seeded by (seed, concept).
+
+    ``among``: (U,) bool, draw only among these units (e.g. SAE features that fire at all: removing a
+    feature that never fires changes nothing, which would flatter any method compared with it).
+    Raises ValueError when tau exceeds the units there are to draw from."""
 
     name = "Random"
 
-    def __init__(self, n_units: int, seed: int = 0):
+    def __init__(self, n_units: int, seed: int = 0, among: torch.Tensor | None = None):
         self.n_units, self.seed = n_units, seed
+        self.pool = torch.arange(n_units) if among is None else torch.nonzero(torch.as_tensor(among).bool()).flatten()
+        if among is not None and torch.as_tensor(among).numel() != n_units:
+            raise ValueError(f"among has {torch.as_tensor(among).numel()} entries for {n_units} units")
 
     def select(self, concept: int, tau: int) -> torch.Tensor:
-        if tau > self.n_units:
-            raise ValueError(f"tau={tau} is larger than the number of units ({self.n_units})")
+        """Indices (tau,) of random units for ``concept`` (the same for the same seed and concept)."""
+        if tau > self.pool.numel():
+            raise ValueError(f"tau={tau} is larger than the number of units to draw from ({self.pool.numel()})")
         gen = torch.Generator().manual_seed(self.seed * 100_003 + concept)
-        return torch.randperm(self.n_units, generator=gen)[:tau]
+        return self.pool[torch.randperm(self.pool.numel(), generator=gen)[:tau]]
 
 
 def selection(selector: UnitSelector, concepts: Sequence[int], tau: int = 5) -> dict[int, torch.Tensor]:

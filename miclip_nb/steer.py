@@ -7,10 +7,11 @@ removes the hook.
 
 The delta-accuracy protocol (the paper's Table 2): for each class, take its top-tau units, apply
 enhancement (scale 2) or removal (scale 0), and compare the accuracy on that class's images with
-the unedited model; average over classes. Where the model is a chain of modules after the layer
-(timm ViT blocks, ResNet stages, the toy models), :func:`cached_class_deltas` gives the same table
-from one full pass that caches the layer's outputs, then runs only the rest of the network
-(:func:`tail_module`) per intervention.
+the unedited model; average over classes. The harness that measures it lives in
+:mod:`miclip_nb.intervention` (streaming, every selector and beta in one pass, the specific
+effect); :func:`class_deltas` (full forwards with a hook) and :func:`cached_class_deltas` (the
+layer's outputs once, then only the rest of the network, :func:`tail_module`) are its per-class
+views of one selection and one beta.
 
 No image gets a class from NaN: every forward pass screens its batch (pixels and logits, see
 :mod:`miclip_nb._checks`). Images with non-finite pixels, or on which the model computes
@@ -23,15 +24,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .capture import resolve_layer
 from ._checks import NonFiniteInputError, check_on_bad, describe_indices, nonfinite_batch, nonfinite_rows, report_nonfinite
-from ._progress import bars_off
 
 MODES = ("scale", "shift")
 #: The paper's two interventions.
@@ -58,10 +56,10 @@ def neuron_edit(units: Sequence[int] | torch.Tensor, mode: str = "scale", beta: 
         dim = unit_dim(acts)
         if int(index.max()) >= acts.shape[dim]:
             raise IndexError(f"unit {int(index.max())} out of range for a layer with {acts.shape[dim]} units")
-        out = acts.clone()
-        sel = out.index_select(dim, index.to(acts.device))
+        idx = index.to(acts.device)
+        sel = acts.index_select(dim, idx)
         sel = sel * beta if mode == "scale" else sel + beta
-        return out.index_copy(dim, index.to(acts.device), sel.to(out.dtype))
+        return acts.index_copy(dim, idx, sel.to(acts.dtype))  # a new tensor: acts is left as it was
 
     return edit
 
@@ -96,17 +94,17 @@ def intervene(model: nn.Module, layer: str, units, mode: str = "scale", beta: fl
 
 @torch.no_grad()
 def _screened_forward(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int,
-                      device: torch.device, index: torch.Tensor | None = None,
+                      device: torch.device,
                       after_batch: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``forward`` over ``inputs`` (or the rows ``index`` of it) batch by batch, under autocast on
-    CUDA. Returns (argmax of the outputs (M,) on CPU, (M,) bool non-finite inputs, (M,) bool finite
-    inputs but non-finite outputs); ``after_batch()`` runs after each forward."""
-    n = inputs.shape[0] if index is None else index.numel()
+    """``forward`` over ``inputs`` batch by batch, under autocast on CUDA. Returns (argmax of the
+    outputs (M,) on CPU, (M,) bool non-finite inputs, (M,) bool finite inputs but non-finite
+    outputs); ``after_batch()`` runs after each forward."""
+    n = inputs.shape[0]
     bad_inputs, bad_outputs = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
     preds = []
     for start in range(0, n, batch_size):
         rows = slice(start, start + batch_size)
-        x = (inputs[rows] if index is None else inputs[index[rows]]).to(device)
+        x = inputs[rows].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = forward(x)
         found = nonfinite_batch(x, logits)
@@ -155,83 +153,63 @@ def class_deltas(
     progress: bool = False,
     on_bad: str = "raise",
 ) -> pd.DataFrame:
-    """Per-class effect of editing each class's selected units.
+    """Per-class effect of editing each class's selected units, with full forward passes (a hook
+    on ``layer``; :mod:`miclip_nb.intervention` runs it).
 
     images: (N, 3, H, W) preprocessed; labels: (N,); selection: class index -> unit indices.
     For class c: accuracy on its images before/after, and the share of up to ``n_other`` other-class
-    images (a seeded sample) predicted as c before/after. ``edit_factory(units, mode, beta)``
-    builds the edit (default :func:`neuron_edit`; SAE features pass their own).
+    images predicted as c before/after. The other-class samples are drawn in the selection's
+    order from one generator seeded ``seed``. ``edit_factory(units, mode, beta)``
+    builds the edit (default :func:`neuron_edit`; SAE features pass their own); scale 1 is taken
+    as the identity (no forward pass).
     on_bad: what to do with images whose pixels or unedited logits are NaN or inf: "raise"
     (default) or "skip" (left out of every row, with a warning naming them).
     Returns a DataFrame with columns class, n, acc_base, acc_edit, delta_acc, to_class_base,
-    to_class_edit, flip_to_class (all in percent).
+    to_class_edit, flip_to_class (all in percent), one row per class with images.
     Raises NonFiniteInputError for such images (``on_bad="raise"``), and whenever an edit makes the
     logits of a kept image non-finite; ValueError for another ``on_bad``.
     """
-    labels = torch.as_tensor(labels)
-    base_pred = predict(model, images, batch_size, on_bad=on_bad)
-    make_edit = edit_factory or neuron_edit
-    device = _model_device(model)
-
-    def predict_edited(idx: torch.Tensor, units) -> tuple[torch.Tensor, torch.Tensor]:
-        with edit_layer(model, layer, make_edit(units, mode, beta)):
-            preds, bad_inputs, bad_outputs = _screened_forward(model, images, batch_size, device, index=idx)
-        return preds, bad_inputs | bad_outputs
-
-    return _per_class_deltas(base_pred, labels, selection, predict_edited, n_other, seed, f"{mode} x{beta}", progress)
+    return _legacy_deltas(model, images, labels, layer, selection, [beta], split="hook", mode=mode,
+                          edit_factory=edit_factory, n_other=n_other, seed=seed, batch_size=batch_size,
+                          progress=progress, on_bad=on_bad)[0]
 
 
-def _per_class_deltas(base_pred: torch.Tensor, labels: torch.Tensor, selection: Mapping[int, torch.Tensor],
-                      predict_edited: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                      n_other: int, seed: int, desc: str, progress: bool) -> pd.DataFrame:
-    """The rows of :func:`class_deltas`, given the unedited predictions (-1: image left out) and a
-    function ``(image indices, units) -> (predictions under the edit of those units, (M,) bool
-    non-finite)``. Raises NonFiniteInputError when an edit makes a kept image's logits non-finite."""
-    gen = torch.Generator().manual_seed(seed)
-    kept = base_pred >= 0
-    rows = []
-    for c, units in tqdm(selection.items(), desc=desc, disable=bars_off(progress)):
-        own = torch.nonzero((labels == c) & kept).flatten()
-        if own.numel() == 0:
-            continue
-        others = torch.nonzero((labels != c) & kept).flatten()
-        others = others[torch.randperm(others.numel(), generator=gen)[:n_other]]
-        idx = torch.cat([own, others])
-        pred, bad = predict_edited(idx, units)
-        if bool(bad.any()):
-            raise NonFiniteInputError(
-                f"editing the units of class {int(c)} ({desc}) makes the model's logits NaN or inf for "
-                f"{describe_indices(idx[bad].tolist())} (of {idx.numel()} images) whose unedited logits are finite; "
-                "check the edit's mode and beta",
-                idx[bad].tolist())
-        own_pred, other_pred = pred[: own.numel()], pred[own.numel():]
-        acc_base = float((base_pred[own] == c).float().mean()) * 100
-        acc_edit = float((own_pred == c).float().mean()) * 100
-        to_base = float((base_pred[others] == c).float().mean()) * 100 if others.numel() else float("nan")
-        to_edit = float((other_pred == c).float().mean()) * 100 if others.numel() else float("nan")
-        rows.append({"class": int(c), "n": int(own.numel()), "acc_base": acc_base, "acc_edit": acc_edit,
-                     "delta_acc": acc_edit - acc_base, "to_class_base": to_base, "to_class_edit": to_edit,
-                     "flip_to_class": to_edit - to_base})
-    return pd.DataFrame(rows)
+_LEGACY_COLUMNS = ["class", "n", "acc_base", "acc_edit", "delta_acc", "to_class_base", "to_class_edit", "flip_to_class"]
+
+
+def _legacy_deltas(model: nn.Module, images: torch.Tensor, labels, layer: str, selection: Mapping[int, torch.Tensor],
+                   betas: Sequence[float], *, split: str, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   **kwargs) -> list[pd.DataFrame]:
+    """The class_deltas frame for each beta, from one pass of :mod:`miclip_nb.intervention`."""
+    from .intervention import _Images, _per_class
+
+    check_on_bad(kwargs["on_bad"])
+    data = _Images(images, labels, None)
+    acts, base = cache if cache is not None else (None, None)
+    if acts is not None and acts.shape[0] != data.n:
+        raise ValueError(f"the cache holds {acts.shape[0]} images for {data.n} labels")
+    names = {float(b): f"x{float(b)!r}" for b in betas}
+    table = _per_class(model, data, layer, [("", 0, dict(selection))], {v: k for k, v in names.items()},
+                       [int(c) for c in selection], memo={}, stream="shared", split=split, layer_outputs=acts,
+                       base=base, chunk_size=2048, desc=f"{kwargs['mode']} x{','.join(f'{b:g}' for b in names)}", **kwargs)
+    return [table.loc[table["intervention"] == names[float(b)], _LEGACY_COLUMNS].reset_index(drop=True) for b in betas]
 
 
 def beta_sweep(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, layer: str, selection: Mapping[int, torch.Tensor],
     betas: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), mode: str = "scale", **kwargs,
 ) -> pd.DataFrame:
-    """Dose-response: mean delta-accuracy over classes for each beta. Returns columns beta,
-    delta_acc, flip_to_class."""
-    rows = []
-    for beta in betas:
-        df = class_deltas(model, images, labels, layer, selection, mode=mode, beta=beta, **kwargs)
-        rows.append({"beta": beta, "delta_acc": df["delta_acc"].mean(), "flip_to_class": df["flip_to_class"].mean()})
-    return pd.DataFrame(rows)
-
-
-def summarize(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, std) of per-seed results (std 0 for a single seed)."""
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=0)) if arr.size > 1 else 0.0
+    """Dose-response of one selection, as :func:`class_deltas` for each beta (all betas in one
+    pass). Returns columns beta, delta_acc, flip_to_class (means over classes). For tables over
+    selectors and the specific effect use :func:`miclip_nb.intervention.dose_response`."""
+    options = dict(edit_factory=None, n_other=256, seed=0, batch_size=256, progress=False, on_bad="raise")
+    unknown = set(kwargs) - set(options)
+    if unknown:
+        raise TypeError(f"beta_sweep got unexpected arguments {sorted(unknown)}")
+    options.update(kwargs)
+    frames = _legacy_deltas(model, images, labels, layer, selection, list(betas), split="hook", mode=mode, **options)
+    return pd.DataFrame([{"beta": beta, "delta_acc": df["delta_acc"].mean(), "flip_to_class": df["flip_to_class"].mean()}
+                         for beta, df in zip(betas, frames)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,30 +400,15 @@ def cached_class_deltas(
     cache: tuple[torch.Tensor, torch.Tensor] | None = None,
     on_bad: str = "raise",
 ) -> pd.DataFrame:
-    """:func:`class_deltas` computed from cached layer outputs: one full forward pass records
+    """:func:`class_deltas` computed from the layer's outputs: one full forward pass records
     ``layer``'s outputs, then each edit runs only the part of the model after ``layer``
     (:func:`tail_module`). Same arguments, result and errors as :func:`class_deltas`.
 
     cache: ``(layer outputs, base predictions)`` from :func:`cache_layer_outputs`, to reuse them
-    across calls (several betas, selectors or seeds); images it predicts -1 (left out when it was
-    built with ``on_bad="skip"``) are left out here too. Raises SplitError when the model cannot be
-    split at ``layer`` (then use :func:`class_deltas`).
+    across calls; images it predicts -1 (left out when it was built with ``on_bad="skip"``) are
+    left out here too. Raises SplitError when the model cannot be split at ``layer`` (then use
+    :func:`class_deltas`), ValueError when the cache does not hold one row per label.
     """
-    labels = torch.as_tensor(labels)
-    check_on_bad(on_bad)
-    device = _model_device(model)
-    # Any finite input traces the split; the images' own NaN and inf are reported by the cache pass.
-    example = torch.nan_to_num(images[:2], nan=0.0, posinf=0.0, neginf=0.0)
-    tail = tail_module(model, layer, example.to(device))
-    acts, base_pred = cache if cache is not None else cache_layer_outputs(model, images, layer, batch_size, device,
-                                                                          on_bad=on_bad)
-    if acts.shape[0] != labels.shape[0]:
-        raise ValueError(f"the cache holds {acts.shape[0]} images for {labels.shape[0]} labels")
-    make_edit = edit_factory or neuron_edit
-
-    def predict_edited(idx: torch.Tensor, units) -> tuple[torch.Tensor, torch.Tensor]:
-        edit = make_edit(units, mode, beta)
-        preds, bad_inputs, bad_outputs = _screened_forward(lambda x: tail(edit(x)), acts, batch_size, device, index=idx)
-        return preds, bad_inputs | bad_outputs
-
-    return _per_class_deltas(base_pred, labels, selection, predict_edited, n_other, seed, f"{mode} x{beta} (cached)", progress)
+    return _legacy_deltas(model, images, labels, layer, selection, [beta], split="tail", cache=cache, mode=mode,
+                          edit_factory=edit_factory, n_other=n_other, seed=seed, batch_size=batch_size,
+                          progress=progress, on_bad=on_bad)[0]

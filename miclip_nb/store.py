@@ -15,30 +15,49 @@ of ``shard_size`` rows inside a folder named by a hash of everything that determ
 - ``build_store(..., on_error="skip")`` leaves unreadable images out (listed in ``metadata.json``
   under ``"skipped"``); the field ``"index"`` gives each row's dataset index. It is derived from
   that list rather than stored in the shards, so the same shard files also serve, hard-linked, as
-  the store of the dataset with those files deleted (:meth:`FileListDataset.without`).
+  the store of the dataset with those files deleted (:meth:`FileListDataset.without`);
+- the dataset is anything :func:`~miclip_nb.datasets.as_dataset` takes (folders, torch Datasets,
+  arrays, lists of images or paths); labels are -1 where unknown (alignment uses ``pred``);
+- the caller's model is never moved: capture runs on it where it already sits on the requested
+  device, else on a copy moved there.
+
+Readers get the held-out split from the store (:func:`holdout`, ``split=`` of :meth:`~ActivationStore.iter_batches`
+and :meth:`~ActivationStore.iter_shards`), so the alignment and the SAE hold out rows the same way.
+
+A *unit transform* turns a layer's raw output into other per-location values before pooling (e.g.
+``sae.SAECodes(sae)``: the SAE's codes of every token / location). ``build_store(...,
+transform=t)`` captures them from the model; :func:`derive_store` computes them from a store of the
+raw outputs (``pooling="none"``) shard by shard, without the model. Either way the field is
+``acts/<layer>`` and the spec's ``unit_transform`` (``t.fingerprint``) tells the stores apart; both
+routes give the same spec, so the same folder.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from ._paths import cache_dir, sha256_file
-from .capture import POOLINGS, forward_checked, hooked_activations, resolve_layer
-from .datasets import PairedTransform, UnreadableImageError
+from .capture import POOLINGS, forward_checked, hooked_activations, num_prefix_tokens, pool, resolve_layer
+from .datasets import (DataFormatError, ImageDataset, UnreadableImageError, as_dataset, model_inputs,
+                       preprocessed_clip_message)
 from .embed import state_fingerprint
 from ._progress import bars_off
 
@@ -47,6 +66,7 @@ METADATA = "metadata.json"
 INDEX_FIELD = "index"  # each row's dataset index (int64), in stores made by build_store
 ROW_KEY = "_row"  # each row's position in the store, in batches of iter_batches(with_rows=True)
 ON_ERROR = ("raise", "skip")
+SPLITS = ("train", "val")  # the values of split= (None: every row)
 # A file changed within this long of its last change can keep its size, times and inode (coarse
 # file-system clocks), so a shard verified that young is verified again at its next read.
 _RACY_WINDOW_NS = 2_000_000_000
@@ -70,6 +90,9 @@ class StoreSpec:
     clip_transform: str | None  # repr of the CLIP preprocessing
     dtype: str = "float32"  # dtype of stored activations and embeddings
     schema: int = SCHEMA_VERSION  # bump when the on-disk format changes
+    # The unit transform applied to each layer's raw output before pooling ("<fingerprint>|n_prefix=<n>"),
+    # None for the layer's own activations. Left out of the key when None (older keys stay valid).
+    unit_transform: str | None = None
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -82,12 +105,64 @@ class StoreSpec:
     @property
     def key(self) -> str:
         """A 20-hex-digit hash of the spec: the store's folder name."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+        fields = asdict(self)
+        if fields["unit_transform"] is None:
+            del fields["unit_transform"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+    def unit_identity(self, layer: str) -> str:
+        """What the units of ``layer`` in this store are, as an encoder trained on them records it
+        (``encoder.meta["model"]``): the model identity for the layer's own activations; for a
+        unit transform, ``<model>|source=<key>|layer=<layer>|<transform>`` (for SAE codes
+        ``...|sae=<SAE fingerprint>|n_prefix=<n>``, as interpret.UnitProvenance reads it)."""
+        if self.unit_transform is None:
+            return self.model
+        return f"{self.model}|source={self.key}|layer={layer}|{self.unit_transform}"
 
 
 def acts_field(layer: str) -> str:
     """Name of the field holding ``layer``'s activations."""
     return f"acts/{layer}"
+
+
+def holdout(rows: torch.Tensor, fraction: float, seed: int, salt: int = 0) -> torch.Tensor:
+    """Deterministic held-out membership of global row indices: a multiplicative hash of each row,
+    the seed and a salt (each reader keeps its own: align 0, sae 12345), below ``fraction``.
+
+    rows: (M,) int64; returns (M,) bool, True for held-out rows. The same arguments always give
+    the same rows, whatever the shard size or reading order.
+    """
+    h = (rows * 2654435761 + seed * 97531 + salt) % 4294967296
+    return h < int(fraction * 4294967296)
+
+
+class UnitTransform(Protocol):
+    """What ``build_store(transform=...)`` and :func:`derive_store` apply to a layer's raw output
+    before pooling. ``fingerprint``: identifies the transform and its weights (part of the store
+    key). ``__call__(acts)``: (N, T, D) tokens -> (N, T, F), (N, C, H, W) maps -> (N, F, H, W),
+    (N, D) -> (N, F), on the activations' device. Optional ``check_source(model, layer)``: raise
+    before any work when the transform does not belong to that model identity and layer."""
+
+    fingerprint: str
+
+    def __call__(self, acts: torch.Tensor) -> torch.Tensor: ...
+
+
+def _check_transform(transform) -> str:
+    """The transform's fingerprint; TypeError unless it is a unit transform."""
+    fingerprint = getattr(transform, "fingerprint", None)
+    if not callable(transform) or not isinstance(fingerprint, str) or not fingerprint:
+        raise TypeError(
+            f"transform must be a unit transform: an object with a non-empty `fingerprint` string and "
+            f"`__call__(layer output) -> per-location values` (e.g. sae.SAECodes(sae)); got a {type(transform).__name__}")
+    return fingerprint
+
+
+def _transform_source(transform, model: str, layers: Sequence[str]) -> None:
+    check = getattr(transform, "check_source", None)
+    if check is not None:
+        for layer in layers:
+            check(model, layer)
 
 
 
@@ -244,12 +319,52 @@ class ActivationStore:
             data[INDEX_FIELD] = _dataset_indices(rows, [s["index"] for s in self.skipped])
         return {name: data[name] for name in names}
 
-    def iter_shards(self, fields: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield :meth:`read_shard` of every shard, in order (bounded memory)."""
+    @staticmethod
+    def holdout(rows: torch.Tensor, fraction: float, seed: int, salt: int = 0) -> torch.Tensor:
+        """(M,) bool: which global ``rows`` are held out (see :func:`holdout`)."""
+        return holdout(rows, fraction, seed, salt)
+
+    def _split_keep(self, rows: torch.Tensor, split: str | None, val_fraction: float, split_seed: int,
+                    salt: int) -> torch.Tensor | None:
+        """Mask of ``rows`` in ``split`` (None: all rows, no mask)."""
+        if split is None:
+            return None
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        held = holdout(rows, val_fraction, split_seed, salt)
+        return held if split == "val" else ~held
+
+    def split_sizes(self, split: str, val_fraction: float, split_seed: int = 0, salt: int = 0) -> list[int]:
+        """Rows of each shard in ``split`` ("train" or "val"; see :meth:`iter_shards`), from the
+        metadata alone."""
+        return [int(self._split_keep(torch.arange(o, o + sh["n"]), split, val_fraction, split_seed, salt).sum())
+                for o, sh in zip(self.row_offsets, self.meta["shards"])]
+
+    def iter_shards(self, fields: Sequence[str] | None = None, *, split: str | None = None, val_fraction: float = 0.1,
+                    split_seed: int = 0, salt: int = 0, with_rows: bool = False,
+                    order: Sequence[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield :meth:`read_shard` of every shard (in ``order``, default first to last): one shard
+        in memory at a time.
+
+        split: None (every row), "train" or "val": only the shard's rows that :func:`holdout`
+        (``val_fraction``, ``split_seed``, ``salt``) keeps out of / holds out for validation.
+        with_rows: also ``ROW_KEY`` (``"_row"``), the (n,) int64 global row indices.
+        Raises as :meth:`read_shard`, ValueError for a bad split.
+        """
         self._require_complete()
         names = self._field_names(fields)
-        for index in range(len(self.meta["shards"])):
-            yield self.read_shard(index, names)
+        offsets = self.row_offsets
+        for index in range(len(offsets)) if order is None else order:
+            data = self.read_shard(index, names)
+            rows = torch.arange(offsets[index], offsets[index] + self.meta["shards"][index]["n"])
+            keep = self._split_keep(rows, split, val_fraction, split_seed, salt)
+            if keep is not None:
+                data, rows = {k: v[keep] for k, v in data.items()}, rows[keep]
+            if with_rows:
+                data[ROW_KEY] = rows
+            yield data
 
     def load(self, field: str) -> torch.Tensor:
         """The whole field as one tensor (N, ...). For stores that fit in memory."""
@@ -260,13 +375,18 @@ class ActivationStore:
         return self.load(acts_field(layer or self.layers[0]))
 
     def iter_batches(
-        self, fields: Sequence[str], batch_size: int, *, shuffle: bool = False, seed: int = 0, with_rows: bool = False
+        self, fields: Sequence[str], batch_size: int, *, shuffle: bool = False, seed: int = 0, with_rows: bool = False,
+        split: str | None = None, val_fraction: float = 0.1, split_seed: int = 0, salt: int = 0,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Mini-batches ``{field: (B, ...) tensor}`` over the store, one shard in memory at a time.
 
         With ``shuffle``, shard order and rows within each shard are permuted by ``seed``. With
         ``with_rows``, each batch also holds ``ROW_KEY`` (``"_row"``): the (B,) int64 global row
-        indices of its rows. Raises as :meth:`read_shard`.
+        indices of its rows. split: None (every row), "train" or "val" (:func:`holdout` with
+        ``val_fraction``, ``split_seed``, ``salt``): each batch of ``batch_size`` rows keeps those
+        of the split, so a split's batches hold up to ``batch_size`` rows and both splits of one
+        ``seed`` cut the same shuffled sequence (empty batches are not yielded). Raises as
+        :meth:`read_shard`, ValueError for a bad split.
         """
         self._require_complete()
         gen = torch.Generator().manual_seed(seed)
@@ -278,6 +398,11 @@ class ActivationStore:
             order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
+                keep = self._split_keep(idx + offsets[si], split, val_fraction, split_seed, salt)
+                if keep is not None:
+                    idx = idx[keep]
+                    if len(idx) == 0:
+                        continue
                 batch = {k: v[idx] for k, v in data.items()}
                 if with_rows:
                     batch[ROW_KEY] = idx + offsets[si]
@@ -384,22 +509,27 @@ def _truncate_to_valid(store_dir: Path) -> int:
 
 
 class _Items(torch.utils.data.Dataset):
-    """Items ``start..stop-1`` of a PairedTransform as ``(dataset index, item)``; with ``skip``,
-    an unreadable image gives ``(dataset index, error text)`` instead of raising."""
+    """Items ``start..stop-1`` of an ImageDataset as ``(dataset index, (model input, CLIP input,
+    label))`` (datasets.model_inputs); with ``skip``, an unreadable image gives ``(dataset index,
+    error text)`` instead of raising."""
 
-    def __init__(self, paired: PairedTransform, start: int, stop: int, skip: bool):
-        self.paired, self.start, self.stop, self.skip = paired, start, stop, skip
+    def __init__(self, dataset: ImageDataset, model_transform, clip_transform, start: int, stop: int, skip: bool):
+        self.dataset, self.model_transform, self.clip_transform = dataset, model_transform, clip_transform
+        self.start, self.stop, self.skip = start, stop, skip
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def __getitem__(self, i: int):
+        index = self.start + i
         try:
-            return self.start + i, self.paired[self.start + i]
+            image, label = self.dataset[index]
+            return index, model_inputs(image, label, self.model_transform, self.clip_transform,
+                                       f"item {index} of {self.dataset.name}")
         except UnreadableImageError as err:
             if not self.skip:
                 raise
-            return self.start + i, str(err)
+            return index, str(err)
 
 
 def _collate(items: list) -> tuple:
@@ -413,9 +543,10 @@ def _register_without_skipped(store: "ActivationStore", dataset) -> None:
     """File a store that skipped unreadable images also under its key for
     ``dataset.without(skipped)``, so that listing the folder again after deleting those files
     reuses it. Its shards are hard links to this store's (copies where links fail)."""
-    if not store.skipped or not hasattr(dataset, "without"):
+    without = getattr(dataset, "without", None)
+    derived = without([s["index"] for s in store.skipped]) if store.skipped and without is not None else None
+    if derived is None:
         return
-    derived = dataset.without([s["index"] for s in store.skipped])
     spec = replace(store.spec, dataset=derived.fingerprint, n_items=store.spec.n_items - len(store.skipped))
     out = store.dir.parent / spec.key
     try:
@@ -458,21 +589,89 @@ def model_identity(target) -> str:
 
 
 def store_spec(target, dataset, layers: Sequence[str], pooling: str, clip=None, n_items: int | None = None,
-               dtype: torch.dtype = torch.float32) -> StoreSpec:
+               dtype: torch.dtype = torch.float32, transform=None) -> StoreSpec:
     """The :class:`StoreSpec` for capturing ``layers`` of ``target`` (a zoo.TargetModel) on
-    ``dataset`` (with a ``fingerprint``), optionally with a CLIP backend."""
-    fingerprint = getattr(dataset, "fingerprint", None)
-    if fingerprint is None:
-        raise ValueError("the dataset needs a .fingerprint attribute (see miclip_nb.datasets)")
+    ``dataset`` (anything :func:`~miclip_nb.datasets.as_dataset` takes), optionally with a CLIP
+    backend and a unit transform (see :func:`build_store`). Raises ValueError for a bad n_items or
+    pooling, DataFormatError for data that are not images, TypeError for a bad transform."""
+    dataset = as_dataset(dataset)
     n = len(dataset) if n_items is None else n_items
     if not 0 < n <= len(dataset):
         raise ValueError(f"n_items must be in 1..{len(dataset)}, got {n}")
+    unit_transform = None
+    if transform is not None:
+        unit_transform = f"{_check_transform(transform)}|n_prefix={num_prefix_tokens(target.module)}"
     return StoreSpec(
-        model=model_identity(target), layers=tuple(layers), pooling=pooling, dataset=fingerprint, n_items=n,
+        model=model_identity(target), layers=tuple(layers), pooling=pooling, dataset=dataset.fingerprint, n_items=n,
         transform=describe_transform(target.preprocess), clip=None if clip is None else clip.fingerprint,
         clip_transform=None if clip is None else describe_transform(getattr(clip, "_preprocess", clip.preprocess)),
-        dtype=str(dtype),
+        dtype=str(dtype), unit_transform=unit_transform,
     )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device asked for (default: CUDA when available), with CUDA's index made explicit."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def module_on_device(module: nn.Module, device: str | torch.device) -> tuple[nn.Module, bool]:
+    """(module to run on ``device``, whether it is a copy): the caller's own module when every
+    parameter and buffer already sits on ``device``; otherwise ``copy.deepcopy(module).to(device)``,
+    so the caller's module is never moved (the copy costs the model's memory once more, on
+    ``device``, for as long as it is used)."""
+    device = torch.device(device)
+    tensors = list(module.parameters()) + list(module.buffers())
+    if all(_same_device(t.device, device) for t in tensors):
+        return module, False
+    return copy.deepcopy(module).to(device), True
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """The module in eval mode inside the block; each submodule's training flag restored after."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _open_existing(store_dir: Path, spec: StoreSpec) -> "ActivationStore | None":
+    """The store at ``store_dir`` when it has ``spec`` (complete or not); None when there is none,
+    after deleting a folder whose metadata is unreadable or whose spec differs (warning)."""
+    if not (store_dir / METADATA).is_file():
+        return None
+    try:
+        existing = ActivationStore(store_dir)
+    except StoreError as err:
+        existing = None
+        warnings.warn(f"{err}; deleting it and rebuilding the store from scratch", stacklevel=3)
+    if existing is None or existing.spec != spec:
+        shutil.rmtree(store_dir)  # a hash collision or a hand-edited folder: never reuse it
+        return None
+    return existing
+
+
+def _usable(existing: "ActivationStore") -> bool:
+    """True when a store is complete and every shard checks out (a warning names a bad one,
+    which the caller then rewrites from there on)."""
+    if not existing.complete:
+        return False
+    try:
+        existing.verify()
+    except StoreError as err:
+        warnings.warn(f"{err}; rewriting it", stacklevel=3)
+        return False
+    return True
 
 
 def build_store(
@@ -491,11 +690,21 @@ def build_store(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     on_error: str = "raise",
+    transform=None,
 ) -> ActivationStore:
     """Capture ``layers`` of ``target`` over ``dataset`` into a store, or reuse/resume an existing one.
 
-    target: a zoo.TargetModel; dataset: yields (PIL image, label) and has ``fingerprint``;
-    layers: names (default ``target.default_layer``); clip: an EmbeddingBackend or None.
+    target: a zoo.TargetModel; dataset: anything :func:`~miclip_nb.datasets.as_dataset` takes (a
+    folder, a torch Dataset of images or (image, label), a list of PIL images or paths, a uint8
+    (N, H, W, 3) / (N, 3, H, W) array, preprocessed float (N, 3, H, W) images, which go to the model
+    as they are); labels -1 (unknown) are stored as they are. layers: names (default
+    ``target.default_layer``); clip: an EmbeddingBackend or None (it needs the original images,
+    not preprocessed tensors). The model runs on ``device`` (default CUDA when available): on
+    ``target.module`` itself when it already sits there, else on a copy, so the caller's module
+    is never moved (nor left in another train/eval mode).
+    transform: a unit transform (:class:`UnitTransform`, e.g. ``sae.SAECodes(sae)``) applied to each
+    layer's raw output before ``pooling``; the field stays ``acts/<layer>``, the spec records the
+    transform, and the store equals ``derive_store(<the pooling="none" store>, transform, pooling=...)``.
     on_error: what an unreadable image does: ``"raise"`` (UnreadableImageError naming the file)
     or ``"skip"`` (a warning naming it; the image is left out and listed in ``metadata.json``
     under ``"skipped"``; the field ``"index"`` maps rows to dataset indices). After skipping, the
@@ -503,7 +712,9 @@ def build_store(
     deleting the unreadable files does not recapture it. on_error is not part of the store's key
     (a store that skipped nothing is the same either way); ``"raise"`` refuses one that skipped.
     Stores land in ``root`` (default ``cache_dir()/stores``)/<spec key>. Returns the complete store.
-    Raises LayerNotFoundError before any work for an unknown layer; UnreadableImageError with
+    Raises LayerNotFoundError before any work for an unknown layer; DataFormatError (a ValueError)
+    for data that are not images, or preprocessed tensors with a CLIP backend; TypeError for a
+    bad transform (and what its ``check_source`` raises); UnreadableImageError with
     ``on_error="raise"`` for an unreadable image, also one a reused store skipped, and whenever
     no image at all can be read.
     """
@@ -516,42 +727,38 @@ def build_store(
     layers = [layers] if isinstance(layers, str) else list(layers)
     for layer in layers:
         resolve_layer(target.module, layer)
-    if len(dataset) == 0:
-        raise ValueError("the dataset is empty")
-    spec = store_spec(target, dataset, layers, pooling, clip, n_items, dtype)
-    store_dir = Path(root) if root is not None else cache_dir() / "stores"
-    store_dir = store_dir / spec.key
-    if (store_dir / METADATA).is_file():
-        try:
-            existing = ActivationStore(store_dir)
-        except StoreError as err:
-            existing = None
-            warnings.warn(f"{err}; deleting it and rebuilding the store from scratch", stacklevel=2)
-        if existing is None or existing.spec != spec:
-            shutil.rmtree(store_dir)  # a hash collision or a hand-edited folder: never reuse it
-        elif on_error == "raise" and existing.skipped:
+    if transform is not None:
+        _check_transform(transform)
+    dataset = as_dataset(dataset, progress=progress)
+    if clip is not None and dataset.preprocessed:
+        raise DataFormatError(preprocessed_clip_message(dataset.name))
+    spec = store_spec(target, dataset, layers, pooling, clip, n_items, dtype, transform)
+    if transform is not None:
+        _transform_source(transform, spec.model, layers)
+    store_dir = (Path(root) if root is not None else cache_dir() / "stores") / spec.key
+    existing = _open_existing(store_dir, spec)
+    if existing is not None:
+        if on_error == "raise" and existing.skipped:
             files = [s["file"] or f"item {s['index']}" for s in existing.skipped]
             raise UnreadableImageError(f"cannot read image(s) {files}: store {store_dir} was built with "
                                        "on_error='skip' and leaves them out; pass on_error='skip' to use it")
-        elif existing.complete:
-            try:
-                existing.verify()
-            except StoreError as err:  # rewritten below from the first bad shard on
-                warnings.warn(f"{err}; rewriting it", stacklevel=2)
-            else:
-                _register_without_skipped(existing, dataset)
-                return existing
+        if _usable(existing):
+            _register_without_skipped(existing, dataset)
+            return existing
     start = _truncate_to_valid(store_dir) if (store_dir / METADATA).is_file() else 0
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = target.module.to(device).eval()
-    paired = PairedTransform(dataset, target.preprocess, None if clip is None else clip.preprocess)
+    device = _resolve_device(device)
+    module, _ = module_on_device(target.module, device)
+    n_prefix = num_prefix_tokens(module)
     loader = torch.utils.data.DataLoader(
-        _Items(paired, start, spec.n_items, skip=on_error == "skip"), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda",
+        _Items(dataset, target.preprocess, None if clip is None else clip.preprocess, start, spec.n_items,
+               skip=on_error == "skip"),
+        batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
     )
-    files = getattr(dataset, "files", None)
-    with StoreWriter(store_dir, spec, shard_size) as writer, hooked_activations(model, layers, pooling) as captured, torch.no_grad():
+    files = dataset.files
+    hook_pooling = pooling if transform is None else "none"
+    with StoreWriter(store_dir, spec, shard_size) as writer, _eval_mode(module) as model, \
+            hooked_activations(model, layers, hook_pooling) as captured, torch.no_grad():
         writer.meta["on_error"] = on_error
         writer.meta.setdefault("skipped", [])
         bar = tqdm(loader, desc=f"capture {','.join(layers)}", initial=start // batch_size,
@@ -566,7 +773,9 @@ def build_store(
             x_model = x_model.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = forward_checked(model, x_model)
-            rows = {acts_field(layer): captured[layer].to(dtype) for layer in layers}
+                values = captured if transform is None else {
+                    layer: pool(transform(captured[layer]), pooling, n_prefix) for layer in layers}
+            rows = {acts_field(layer): values[layer].to(dtype) for layer in layers}
             rows["label"] = torch.as_tensor(labels, dtype=torch.long)
             rows["pred"] = logits.argmax(-1).cpu()
             if clip is not None:
@@ -577,3 +786,93 @@ def build_store(
     store = ActivationStore(store_dir)
     _register_without_skipped(store, dataset)
     return store
+
+
+def infer_n_prefix(n_tokens: int) -> int:
+    """Leading non-patch tokens of a ViT output with ``n_tokens`` tokens, assuming a square patch
+    grid (65 -> 1, 197 -> 1, 201 -> 5, 64 -> 0). Pass ``n_prefix`` explicitly where that fails."""
+    side = math.isqrt(n_tokens)
+    return n_tokens - side * side
+
+
+@torch.no_grad()
+def derive_store(
+    source: ActivationStore,
+    transform,
+    *,
+    layers: Sequence[str] | str | None = None,
+    pooling: str = "mean",
+    n_prefix: int | None = None,
+    root: str | Path | None = None,
+    shard_size: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> ActivationStore:
+    """A new store with ``transform`` applied to ``layers`` of ``source`` and then ``pooling``,
+    shard by shard, without a model pass (or reuse/resume it).
+
+    source: a complete store of raw outputs (``pooling="none"``: tokens (N, T, D) or maps
+    (N, C, H, W) per row); transform: a unit transform (:class:`UnitTransform`, e.g.
+    ``sae.SAECodes(sae)``); layers: default every layer of the source; pooling: of the transformed
+    per-location values (capture.POOLINGS; over patch tokens, the first ``n_prefix`` excluded,
+    default inferred from a square patch grid). The result has the same rows, ``label``, ``pred``,
+    ``clip_image`` and skipped list as the source, and ``acts/<layer>`` of the transformed values;
+    its spec is the one ``build_store(..., pooling=pooling, transform=transform)`` gives on the
+    source's model and images, so both routes share the folder (``root``, default
+    ``cache_dir()/stores``). Memory: one source shard, and one batch of ``batch_size`` rows of
+    per-location transform outputs. Raises StoreError for an incomplete or corrupt source,
+    ValueError for a pooled or already transformed source, an unknown layer or pooling, TypeError
+    for a bad transform, and what the transform raises on the source's per-row shape (checked on
+    one zero row before any work).
+    """
+    fingerprint = _check_transform(transform)
+    source._require_complete()
+    if source.spec.pooling != "none" or source.spec.unit_transform is not None:
+        raise ValueError(f"derive_store needs the raw per-location outputs of a layer: a store built with "
+                         f"pooling='none' and no transform; {source.dir} has pooling={source.spec.pooling!r}"
+                         + (f" and transform {source.spec.unit_transform!r}" if source.spec.unit_transform else ""))
+    layers = list(source.layers) if layers is None else [layers] if isinstance(layers, str) else list(layers)
+    for layer in layers:
+        if acts_field(layer) not in source.fields:
+            raise ValueError(f"store has no layer {layer!r}; layers: {list(source.layers)}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+    shapes = {layer: source.fields[acts_field(layer)] for layer in layers}
+    if n_prefix is None:
+        tokens = [shape for shape in shapes.values() if len(shape) == 2]
+        n_prefix = infer_n_prefix(tokens[0][0]) if tokens else 0
+    _transform_source(transform, source.spec.model, layers)
+    device = _resolve_device(device)
+    for layer, shape in shapes.items():  # fail on the per-row shape before any work
+        transform(torch.zeros(1, *shape, device=device))
+    spec = replace(source.spec, layers=tuple(layers), pooling=pooling, unit_transform=f"{fingerprint}|n_prefix={n_prefix}")
+    store_dir = (Path(root) if root is not None else cache_dir() / "stores") / spec.key
+    existing = _open_existing(store_dir, spec)
+    if existing is not None and _usable(existing):
+        return existing
+    if (store_dir / METADATA).is_file():
+        _truncate_to_valid(store_dir)
+    dtype = getattr(torch, spec.dtype.split(".")[-1])
+    extra = [f for f in source.fields if not f.startswith("acts/") and f != INDEX_FIELD]
+    with StoreWriter(store_dir, spec, shard_size or int(source.meta.get("shard_size", 2048))) as writer:
+        done = writer.n_rows  # rows of the shards kept from an interrupted pass
+        if "skipped" in source.meta:
+            writer.meta["skipped"] = source.skipped
+        if "on_error" in source.meta:
+            writer.meta["on_error"] = source.meta["on_error"]
+        offsets = source.row_offsets
+        todo = [i for i, sh in enumerate(source.meta["shards"]) if offsets[i] + sh["n"] > done]
+        for si in tqdm(todo, desc=f"derive {','.join(layers)}", disable=bars_off(progress)):
+            shard = source.read_shard(si, [acts_field(layer) for layer in layers] + extra)
+            first = max(done - offsets[si], 0)
+            for start in range(first, source.meta["shards"][si]["n"], batch_size):
+                sl = slice(start, start + batch_size)
+                rows = {}
+                for layer in layers:
+                    acts = shard[acts_field(layer)][sl].to(device)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        rows[acts_field(layer)] = pool(transform(acts), pooling, n_prefix).cpu().to(dtype)
+                rows.update({f: shard[f][sl] for f in extra})
+                writer.append(rows)
+    return ActivationStore(store_dir)

@@ -151,6 +151,35 @@ def beta_curve_panels(sweeps, panel: str = "setting", title: str = "Dose-respons
     return fig
 
 
+def dose_response_panels(sweeps, title: str = "Dose-response with controls", random: str = "Random") -> plt.Figure:
+    """One panel per method of a dose-response table (pipeline.beta_sweep_table of one setting):
+    the method's curve, its matched-norm control ("<method> (matched norm)": random units of the
+    same strength) and the ``random`` reference, delta-accuracy against beta (bands: min to max over
+    seeds / draws). Methods are the rows that are neither controls nor the reference. Raises
+    KeyError for a missing column, ValueError when no method is left."""
+    names = list(dict.fromkeys(sweeps["method"]))
+    methods = [m for m in names if not m.endswith("(matched norm)") and m != random]
+    if not methods:
+        raise ValueError("no method in the sweeps besides controls")
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.6 * len(methods) + 0.6, 2.8), squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], methods):
+        for name, style in ((method, "-"), (f"{method} (matched norm)", "--"), (random, ":")):
+            sub = sweeps[sweeps["method"] == name]
+            if len(sub):
+                grp = sub.groupby("beta")["delta_acc"]
+                ax.plot(grp.mean().index, grp.mean().values, style, marker="o", ms=3,
+                        label={method: "method", random: "random"}.get(name, "matched norm"))
+                ax.fill_between(grp.min().index, grp.min().values, grp.max().values, alpha=0.15)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axvline(1, color="grey", ls=":")
+        ax.set(xlabel="β", title=method)
+    axes[0][0].set_ylabel("Δ accuracy (pp)")
+    axes[0][-1].legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def trajectory_plot(layers: Sequence[str], sim_true: Sequence[float], sim_wrong: Sequence[float], true_label: str,
                     wrong_label: str, best_layer: int | None = None, overtake_layer: int | None = None,
                     title: str | None = None) -> plt.Figure:
@@ -188,3 +217,33 @@ def to_uint8(images_n3hw, mean: float | Sequence[float] = 0.5, std: float | Sequ
     m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     return np.clip((x * s + m) * 255.0, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def thumbnails(dataset, indices: Sequence[int], size: int = 96) -> np.ndarray:
+    """(N, size, size, 3) uint8 pictures of the images ``indices`` of a dataset (anything
+    datasets.as_dataset takes), for grids and panels. Raises the dataset's errors, and TypeError for
+    preprocessed tensors (no colours to show: use :func:`to_uint8` with their normalisation)."""
+    from .datasets import as_dataset
+
+    ds = as_dataset(dataset, progress=False)
+    out = []
+    for i in indices:
+        image = ds[int(i)][0]
+        if not hasattr(image, "convert"):
+            raise TypeError(f"image {i} of {ds.name} is a preprocessed tensor; use viz.to_uint8 with its normalisation")
+        out.append(np.asarray(image.convert("RGB").resize((size, size))))
+    return np.stack(out)
+
+
+def dataset_grid(dataset, indices: Sequence[int] = range(16), class_names: Sequence[str] | None = None, ncols: int = 8,
+                 size: float = 1.2, thumb: int = 96) -> plt.Figure:
+    """The images ``indices`` of a dataset (anything datasets.as_dataset takes), titled with their
+    class name (``class_names``, else the dataset's ``classes``; "?" for an unknown label), each
+    shown at ``thumb`` pixels. Raises as :func:`thumbnails`."""
+    from .datasets import as_dataset
+
+    ds = as_dataset(dataset, progress=False)
+    names = list(class_names) if class_names is not None else ds.classes
+    labels = [ds[int(i)][1] for i in indices]
+    titles = [names[y] if names is not None and 0 <= y < len(names) else "?" for y in labels]
+    return image_grid(thumbnails(ds, indices, thumb), titles, ncols=ncols, size=size)

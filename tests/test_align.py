@@ -123,3 +123,24 @@ def test_config_checks():
         AlignConfig(val_fraction=0.7)
     with pytest.raises(ValueError):
         AlignConfig(concept_weight=0, image_weight=0)
+
+
+def test_unknown_labels_change_nothing_and_the_split_is_the_stores(planted, trained, tmp_path):
+    """Alignment reads the predictions, never the labels: the same store with every label -1
+    (photos without labels) gives the very same encoder. Its held-out rows are store.holdout's
+    (salt 0)."""
+    from miclip_nb.align import ALIGN_SPLIT_SALT
+    from miclip_nb.store import ActivationStore, StoreWriter, holdout
+
+    store, text, _ = planted
+    spec = store.spec.__class__(**{**store.spec.__dict__, "dataset": "planted-unlabelled"})
+    with StoreWriter(tmp_path / spec.key, spec, shard_size=1000) as writer:
+        for shard in store.iter_shards(["acts/layer", "clip_image", "label", "pred"]):
+            writer.append({**shard, "label": torch.full_like(shard["label"], -1)})
+    unlabelled = ActivationStore(tmp_path / spec.key)
+    assert unlabelled.load("label").unique().tolist() == [-1]
+    again, history = train_encoder(unlabelled, text, config=FAST, seed=0, progress=False)
+    for (k, a), b in zip(trained[0].state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    held = holdout(torch.arange(store.n_rows), FAST.val_fraction, 0, ALIGN_SPLIT_SALT)
+    assert history["n_val"] == int(held.sum()) and history["n_train"] == int((~held).sum())

@@ -384,11 +384,27 @@ def test_ablation_finds_the_units_the_logits_use_not_the_loud_one():
     with torch.no_grad():
         drop = model(x[own]).log_softmax(1)[:, c].mean() - model(edited[own]).log_softmax(1)[:, c].mean()
     assert torch.isclose(scores[c, u], drop, atol=1e-5)
-    out = bl.class_baseline_scores(model, "features", methods=[bl.ABLATION], n_classes=5, captum_images=x,
-                                   captum_labels=labels, device="cpu")
-    assert torch.equal(torch.nan_to_num(out[bl.ABLATION]), torch.nan_to_num(scores))
-    with pytest.raises(ValueError, match="captum_images"):
-        bl.class_baseline_scores(model, "features", methods=[bl.ABLATION])
+
+
+def test_ablation_takes_any_unit_edit():
+    """With an edit factory (here: units are pairs of channels, as an SAE's features address
+    directions rather than channels) each 'unit' is removed through that edit."""
+    from miclip_nb.steer import neuron_edit
+
+    model = AblationPlant()
+    x, labels = _captum_inputs(model)
+    pairs = lambda units, mode, beta: neuron_edit([2 * int(units[0]), 2 * int(units[0]) + 1], mode, beta)  # noqa: E731
+    scores = bl.ablation_scores(model, "features", x, labels, n_classes=5, n_units=4, edit_factory=pairs, device="cpu")
+    assert scores.shape == (5, 4)
+    for c, u in enumerate(model.planted):  # the pair holding a class's planted channel costs that class most
+        assert int(scores[c].argmax()) == u // 2
+    c, u = 1, model.planted[1]
+    edited = x.clone()
+    edited[:, [2 * (u // 2), 2 * (u // 2) + 1]] = 0
+    own = labels == c
+    with torch.no_grad():
+        drop = model(x[own]).log_softmax(1)[:, c].mean() - model(edited[own]).log_softmax(1)[:, c].mean()
+    assert torch.isclose(scores[c, u // 2], drop, atol=1e-5)
 
 
 def test_ablation_needs_a_model_it_can_split():
@@ -425,28 +441,8 @@ def test_removal_vs_random_and_selectors():
     assert list(df.columns) == ["method", "draw", "delta_acc", "acc_base", "acc_edit"]
     right_delta = float(df.loc[df.method == "Right", "delta_acc"].iloc[0])
     assert right_delta == -100.0 and df.loc[df.method == "Random", "delta_acc"].mean() > -50
-    sels = bl.score_selectors({"Right": right})
-    assert sels["Right"][0].select(3, 1).tolist() == [3]
     with pytest.raises(ValueError, match="NaN"):
         bl.removal_vs_random(model, images, labels, "features", {"Bad": torch.full((6, n_units), float("nan"))})
-
-
-def test_class_baseline_scores_contract(tmp_path):
-    probe = RandomMaskProbe(n=24)
-    model = MaskCNN()
-    with pytest.raises(ValueError, match="unknown baseline"):
-        bl.class_baseline_scores(model, "features", methods=["V-Interp"])
-    with pytest.raises(ValueError, match="needs an activation store"):
-        bl.class_baseline_scores(model, "features", methods=[bl.ACT_VALUES])
-    with pytest.raises(ValueError, match="needs a mask_probe"):
-        bl.class_baseline_scores(model, "features", methods=[bl.NETDISSECT])
-    with pytest.raises(ValueError, match="captum_images"):
-        bl.class_baseline_scores(model, "features", methods=["Captum-IG"])
-    labels = torch.arange(len(probe)) % N_CONCEPTS
-    out = bl.class_baseline_scores(model, "features", methods=[bl.NETDISSECT, "Captum-GxA"], n_classes=N_CONCEPTS,
-                                   mask_probe=probe, captum_images=probe.images, captum_labels=labels, device="cpu")
-    assert set(out) == {bl.NETDISSECT, "Captum-GxA"}
-    assert all(s.shape == (N_CONCEPTS, N_CONCEPTS + 1) for s in out.values())
 
 
 # ------------------------------------------------------------------------------------------

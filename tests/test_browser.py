@@ -161,7 +161,7 @@ SAE_HEATMAPS = "img.widget-image"
 TODO = None
 PANEL_STEPS: dict[str, list[Step] | None] = {
     "00_tour": [
-        Step("shapes-grid", "shapes.render_batch(", expect=(ImageShown(".jp-RenderedImage img"),)),
+        Step("dataset-grid", "viz.dataset_grid(", expect=(ImageShown(".jp-RenderedImage img"),)),
     ],
     "01_train_alignment": [
         # The notebook sets the concept to queries[0] ("red") before displaying the panel.

@@ -28,3 +28,8 @@ def test_bounds_are_inclusive_and_required():
     claim("edge", 5.0, at_least=5.0, at_most=5.0)
     with pytest.raises(ValueError, match="at_least"):
         claim("no bound", 1.0)
+
+
+def test_an_unchecked_claim_says_so_and_shows_the_value(capsys):
+    line = claim("removal beats random", -3.0, at_least=5.0, check=False)
+    assert line.startswith("· removal beats random (not checked") and "-3" in line

@@ -259,10 +259,11 @@ def test_bad_shapes_values_raise(spec, match):
         open_dataset(spec)
 
 
-def test_paired_transform_needs_pil_images():
+def test_paired_transform_needs_images_and_names_the_dataset():
     paired = PairedTransform(ShapesDataset("test", 2, transform=lambda img: 0), lambda img: img)
-    with pytest.raises(TypeError, match="PIL"):
+    with pytest.raises(TypeError, match=r"item 0 of the ShapesDataset object is an int, not an image \(a PIL image") as err:
         paired[0]
+    assert "PairedTransform" not in str(err.value)
 
 
 # ---------------------------------------------------------------- real photos (CI sets the folder)
@@ -285,3 +286,157 @@ def test_capture_on_real_photos_with_efficientnet_lite0(imagenet_sample_dir, tmp
     accuracy = (preds == labels).float().mean().item()
     # Chance is 1/1000; the real weights get about 0.84 on these photos.
     assert accuracy >= 0.6, f"top-1 {accuracy:.2f} on 32 real photos"
+
+
+# ---------------------------------------------------------------- as_dataset: anything a user has
+
+
+def pixels(n: int = 4, seed: int = 0, size=(6, 5)):
+    """(n, H, W, 3) uint8 random images."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size[1], size[0], 3), dtype=np.uint8)
+
+
+def same_pil(a, b) -> bool:
+    return a.mode == b.mode == "RGB" and a.size == b.size and a.tobytes() == b.tobytes()
+
+
+def test_arrays_lists_and_tensors_give_the_same_images():
+    import torch
+
+    from miclip_nb.datasets import ImageDataset, as_dataset
+
+    x = pixels()
+    forms = {
+        "uint8 NHWC array": as_dataset(x),
+        "uint8 NCHW tensor": as_dataset(torch.from_numpy(x).permute(0, 3, 1, 2)),
+        "list of PIL": as_dataset([Image.fromarray(p) for p in x]),
+        "list of HWC arrays": as_dataset(list(x)),
+    }
+    for name, ds in forms.items():
+        assert isinstance(ds, ImageDataset) and len(ds) == 4, name
+        for i in range(4):
+            img, label = ds[i]
+            assert same_pil(img, Image.fromarray(x[i])) and label == -1, name
+    assert as_dataset(forms["list of PIL"]) is forms["list of PIL"]  # idempotent
+    grey = as_dataset(np.zeros((2, 5, 5), dtype=np.uint8))
+    assert grey[1][0].mode == "RGB" and grey[1][0].size == (5, 5)
+
+
+def test_preprocessed_float_images_stay_tensors():
+    import torch
+
+    from miclip_nb.datasets import as_dataset
+
+    x = torch.randn(3, 3, 8, 8)
+    ds = as_dataset(x, labels=[2, 0, 1])
+    assert ds.preprocessed and not as_dataset(pixels()).preprocessed
+    image, label = ds[1]
+    assert torch.equal(image, x[1]) and image.dtype == torch.float32 and label == 0
+    assert as_dataset(x.double().numpy()).preprocessed  # numpy float64 too, as float32
+    assert as_dataset(x.double().numpy())[0][0].dtype == torch.float32
+
+
+def test_torch_datasets_of_images_or_pairs_or_dicts():
+    import torch
+
+    from miclip_nb.datasets import as_dataset
+
+    x = pixels()
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.from_numpy(x[i]), torch.tensor(i % 2)
+
+    class Dicts(Pairs):
+        def __getitem__(self, i):
+            return {"image": Image.fromarray(x[i]), "label": i}
+
+    class Bare(Pairs):
+        def __getitem__(self, i):
+            return Image.fromarray(x[i])
+
+    assert [as_dataset(Pairs())[i][1] for i in range(4)] == [0, 1, 0, 1]
+    assert [as_dataset(Dicts())[i][1] for i in range(4)] == [0, 1, 2, 3]
+    assert [as_dataset(Bare())[i][1] for i in range(4)] == [-1] * 4
+    assert as_dataset(Bare(), labels=[3, 2, 1, 0])[0][1] == 3
+    assert all(same_pil(as_dataset(d)[2][0], Image.fromarray(x[2])) for d in (Pairs(), Dicts(), Bare()))
+    assert as_dataset(Pairs(), classes=["even", "odd"]).classes == ["even", "odd"]
+
+
+def test_fingerprints_follow_content_never_identity(tmp_path):
+    import torch
+
+    from miclip_nb.datasets import as_dataset
+
+    x = pixels()
+    fp = as_dataset(x).fingerprint
+    assert fp == as_dataset(x.copy()).fingerprint and " at 0x" not in fp
+    changed = x.copy()
+    changed[0, 0, 0, 0] ^= 1
+    assert len({fp, as_dataset(changed).fingerprint, as_dataset(x[:3]).fingerprint,
+                as_dataset(x, labels=[0, 1, 2, 3]).fingerprint, as_dataset(x, fingerprint="mine").fingerprint}) == 5
+    pil = [Image.fromarray(p) for p in x]
+    assert as_dataset(pil).fingerprint == as_dataset([p.copy() for p in pil]).fingerprint
+    assert as_dataset(pil).fingerprint != as_dataset(pil[::-1]).fingerprint
+    # a torch Dataset's own fingerprint is kept (existing stores keep their keys)
+    shapes = ShapesDataset("test", 3)
+    assert as_dataset(shapes).fingerprint == shapes.fingerprint
+    assert as_dataset(shapes, labels=[0, 0, 0]).fingerprint != shapes.fingerprint
+
+
+def test_a_list_of_paths_and_a_flat_folder(tmp_path):
+    from miclip_nb.datasets import as_dataset, unlabelled_folder
+
+    for i in range(3):
+        write_jpeg(tmp_path / "photos" / f"p{i}.jpg", i)
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    files = sorted((tmp_path / "photos").glob("*.jpg"))
+    listed = as_dataset([str(f) for f in files], labels=[1, 0, 1])
+    assert listed.files == files and [listed[i][1] for i in range(3)] == [1, 0, 1]
+    assert same_pil(listed[2][0], load_image(files[2]))
+    flat = open_dataset(tmp_path / "photos")  # no class subfolders: unlabelled photos
+    assert flat.labels == [-1, -1, -1] and flat.classes == [] and flat.files == files
+    assert as_dataset(tmp_path / "photos").fingerprint == flat.fingerprint == unlabelled_folder(tmp_path / "photos").fingerprint
+    assert as_dataset(str(tmp_path / "photos"))[0][1] == -1
+    files[1].unlink()
+    assert flat.without([1]).fingerprint == open_dataset(tmp_path / "photos").fingerprint
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DatasetError, match="no image files"):
+        unlabelled_folder(tmp_path / "empty_dir")
+
+
+def test_class_subfolders_still_win_over_loose_files(tmp_path):
+    write_jpeg(tmp_path / "cat" / "a.jpg", 0)
+    write_jpeg(tmp_path / "loose.jpg", 1)
+    ds = open_dataset(tmp_path)
+    assert ds.classes == ["cat"] and ds.labels == [0]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"a": 1}, r"cannot use the dict object as a dataset: it needs len\(\) and indexing"),
+    (42, r"cannot use the int object as a dataset"),
+    ([], r"the list of 0 items is empty"),
+    (np.zeros((2, 4, 4, 3), dtype=np.float32), r"channels last: convert to uint8"),
+    (np.zeros((2, 4, 4, 3), dtype=np.int64), r"shape \(2, 4, 4, 3\) and dtype int64 as images"),
+    (np.zeros((0, 4, 4, 3), dtype=np.uint8), r"holds no images"),
+])
+def test_unusable_objects_are_named_with_what_they_need(bad, match):
+    from miclip_nb.datasets import DataFormatError, as_dataset
+
+    with pytest.raises(DataFormatError, match=match) as err:
+        as_dataset(bad)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, TypeError)
+
+
+def test_bad_items_and_labels_are_named():
+    from miclip_nb.datasets import DataFormatError, as_dataset
+
+    with pytest.raises(DataFormatError, match=r"the label of item 1 of the list of 2 tuple is a str; labels are integers"):
+        as_dataset([(Image.new("RGB", (2, 2)), 0), (Image.new("RGB", (2, 2)), "cat")])[1]
+    with pytest.raises(DataFormatError, match=r"labels= has 2 entries for the 4 images"):
+        as_dataset(pixels(), labels=[0, 1])
+    with pytest.raises(DataFormatError, match=r"item 0 of the list of 1 dict is a dict with keys \['pixels'\]"):
+        as_dataset([{"pixels": 1}])[0]

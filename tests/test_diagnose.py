@@ -60,7 +60,7 @@ def test_real_photo_failures_trace_offline_with_a_supplied_clip(imagenet_sample_
     class_emb = pipeline.class_prompts_embedding(backend, target.class_names)
     layers = ["blocks.3", "blocks.5"]
     encoders = diagnose.layerwise_encoders(target, backend, photos, layers, class_emb, batch_size=32, progress=False)
-    images, labels = pipeline.load_eval_images(target, photos)
+    images, labels = datasets.load_images(photos, target.preprocess)
     wrong_idx, wrong_pred = diagnose.find_failures(target, images, labels)
     assert 0 < len(wrong_idx) < n  # a real classifier: mostly right, sometimes wrong
     assert bool((wrong_pred != labels[wrong_idx]).all())

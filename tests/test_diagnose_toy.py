@@ -29,7 +29,7 @@ def test_overtaking_layer_names_the_spurious_texture(model, n_train, n_spurious,
     encoders = diagnose.layerwise_encoders(target, backend, datasets.open_dataset(f"shapes:train:{n_train}"), LAYERS[model],
                                            class_emb, seed=0, progress=False)
     spurious = datasets.open_dataset(f"shapes:spurious:{n_spurious}")
-    images, labels = pipeline.load_eval_images(target, spurious)
+    images, labels = datasets.load_images(spurious, target.preprocess)
     wrong_idx, wrong_pred = diagnose.find_failures(target, images, labels)
     vocab = interpret.concept_set("shapes")
     trajectories = diagnose.diagnose(target, encoders, images[wrong_idx], labels[wrong_idx], wrong_pred, class_emb,

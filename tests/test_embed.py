@@ -1,4 +1,4 @@
-"""The CLIP side: backends, offline errors, local checkpoints, concept banks."""
+"""The CLIP side: backends (checked and adapted by as_backend), offline errors, local checkpoints, concept banks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from PIL import Image
 from miclip_nb.embed import (
     EmbeddingBackend,
     FunctionBackend,
+    OpenClipBackend,
+    WeightsMismatchError,
     WeightsUnavailableError,
+    as_backend,
     build_concept_bank,
     load_clip,
     state_fingerprint,
@@ -164,3 +167,141 @@ def test_function_backend():
     assert torch.allclose(bank, texts[:2], atol=1e-6)
     with pytest.raises(ValueError):
         backend.encode_texts([])
+
+
+# ---------------------------------------------------------------- as_backend: checked and adapted
+
+
+class StringClip(torch.nn.Module):
+    """A CLIP-style model whose encode_text takes strings: a linear image tower, texts by length."""
+
+    def __init__(self, dim: int = 6):
+        super().__init__()
+        self.image_proj = torch.nn.Linear(3, dim)
+        self.text_table = torch.nn.Embedding(32, dim)
+
+    def preprocess(self, image):
+        return torch.zeros(3, 4, 4)
+
+    def encode_image(self, x):
+        return self.image_proj(x.mean((2, 3)))
+
+    def encode_text(self, texts):
+        return self.text_table(torch.tensor([len(t) % 32 for t in texts]))
+
+
+def test_as_backend_returns_a_backend_unchanged(backend):
+    words = word_backend()
+    assert as_backend(words) is words
+    assert as_backend(backend) is backend
+    with pytest.raises(ValueError, match="already an embedding backend"):
+        as_backend(words, preprocess=lambda img: img)
+
+
+def test_as_backend_adapts_a_raw_open_clip_model(tiny_clip_name, seed_everything):
+    """The raw open_clip model + tokenizer + preprocess embeds exactly as load_clip's backend."""
+    import open_clip
+
+    seed_everything(7)
+    model, _, preprocess = open_clip.create_model_and_transforms(tiny_clip_name, pretrained=None)
+    seed_everything(7)
+    reference = load_clip(tiny_clip_name, pretrained=None)
+    adapted = as_backend(model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(tiny_clip_name),
+                         name=f"{tiny_clip_name}:None")
+    assert isinstance(adapted, OpenClipBackend) and isinstance(adapted, EmbeddingBackend)
+    assert adapted.fingerprint == reference.fingerprint  # same label, same weights
+    assert adapted.embed_dim == reference.embed_dim == 32
+    image = Image.new("RGB", (40, 30), (200, 30, 90))
+    assert torch.equal(adapted.preprocess(image), reference.preprocess(image))
+    x = torch.randn(3, 3, 32, 32)
+    texts = ["red", "a star", "dots"]
+    assert torch.allclose(adapted.encode_images(x), reference.encode_images(x), atol=1e-6)
+    assert torch.allclose(adapted.encode_texts(texts), reference.encode_texts(texts), atol=1e-6)
+    assert torch.allclose(build_concept_bank(adapted, ["red", "blue"]), build_concept_bank(reference, ["red", "blue"]), atol=1e-6)
+    # Without a name, the fingerprint still comes from the weights.
+    unnamed = as_backend(model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(tiny_clip_name))
+    assert unnamed.fingerprint.endswith(state_fingerprint(model))
+
+
+def test_as_backend_adapts_a_model_whose_encode_text_takes_strings():
+    model = StringClip().train()
+    adapted = as_backend(model)
+    assert isinstance(adapted, FunctionBackend) and not model.training
+    assert adapted.embed_dim == 6 and adapted.fingerprint == f"StringClip:{state_fingerprint(model)}"
+    assert adapted.preprocess(None).shape == (3, 4, 4)  # the model's own preprocess
+    emb = adapted.encode_images(torch.rand(2, 3, 4, 4))
+    assert emb.shape == (2, 6) and torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-6)
+    texts = adapted.encode_texts(["ab", "cd", "abc"])
+    assert torch.allclose(texts[0], texts[1]) and not torch.allclose(texts[0], texts[2])
+    with torch.no_grad():
+        model.image_proj.bias += 1.0
+    assert as_backend(model).fingerprint != adapted.fingerprint  # new weights, new fingerprint
+    # build_concept_bank adapts a CLIP-style model itself.
+    assert torch.allclose(build_concept_bank(model, ["ab"], ["{}"]), as_backend(model).encode_texts(["ab"]), atol=1e-6)
+
+
+def test_as_backend_names_exactly_the_missing_members():
+    class HalfBackend:
+        preprocess = staticmethod(lambda img: torch.zeros(3, 2, 2))
+
+        def encode_images(self, x):
+            return x.flatten(1)
+
+        def encode_texts(self, texts):
+            return torch.ones(len(texts), 12)
+
+    with pytest.raises(TypeError) as info:
+        as_backend(HalfBackend())
+    message = str(info.value)
+    assert "lacks embed_dim, fingerprint." in message
+    assert "FunctionBackend" in message and "as_backend" in message
+    with pytest.raises(TypeError, match="lacks encode_images, encode_texts, preprocess, embed_dim, fingerprint"):
+        as_backend(object())
+    image_only = type("ImageOnly", (), {"encode_images": lambda self, x: x.flatten(1)})()
+    with pytest.raises(TypeError, match="lacks encode_texts, preprocess, embed_dim, fingerprint"):
+        build_concept_bank(image_only, ["a"])  # not a bare AttributeError from deep inside
+
+
+def test_as_backend_says_what_a_clip_style_model_lacks(tiny_clip_name):
+    import open_clip
+
+    model = open_clip.create_model(tiny_clip_name, pretrained=None)
+    with pytest.raises(TypeError, match="lacks preprocess"):
+        as_backend(model, tokenizer=open_clip.get_tokenizer(tiny_clip_name))
+    with pytest.raises(TypeError, match="tokenizer="):  # open_clip's encode_text takes tokens, not strings
+        as_backend(model, preprocess=lambda img: torch.zeros(3, 32, 32))
+    with pytest.raises(TypeError, match="tokenizer="):
+        build_concept_bank(model, ["red"])
+
+    class Remote:  # not an nn.Module: its fingerprint cannot be computed from weights
+        preprocess = staticmethod(lambda img: torch.zeros(3, 2, 2))
+
+        def encode_image(self, x):
+            return x.flatten(1)
+
+        def encode_text(self, texts):
+            return torch.ones(len(texts), 12)
+
+    with pytest.raises(TypeError, match="lacks fingerprint"):
+        as_backend(Remote())
+    remote = Remote()
+    remote.fingerprint = "remote-v1"
+    adapted = as_backend(remote, name="remote")
+    assert adapted.fingerprint == "remote:remote-v1" and adapted.embed_dim == 12
+
+
+def test_load_clip_refuses_bad_checkpoints(tiny_clip_name, tmp_path):
+    import open_clip
+
+    model = open_clip.create_model(tiny_clip_name, pretrained=None)
+    pickled = tmp_path / "whole_model.pt"
+    torch.save(model, pickled)
+    with pytest.raises(ValueError, match="pickled"):
+        load_clip(tiny_clip_name, checkpoint_path=pickled)
+    state = model.state_dict()
+    state.pop("logit_scale")
+    state["extra.weight"] = torch.zeros(2)
+    broken = tmp_path / "broken.pt"
+    torch.save(state, broken)
+    with pytest.raises(WeightsMismatchError, match="logit_scale"):
+        load_clip(tiny_clip_name, checkpoint_path=broken)

@@ -200,3 +200,18 @@ def test_check_unit_embeddings_names_both_sides():
         check_unit_embeddings(emb, model="other", layer="stages.2", unit_kind="SAE feature")
     unknown = UnitEmbeddings(plain, UnitProvenance())  # fields the encoder did not record are not checked
     check_unit_embeddings(unknown, model="other", layer="stages.1")
+
+
+def test_localization_table_puts_both_rankings_side_by_side():
+    from miclip_nb.interpret import localization_table
+
+    units = F.normalize(torch.randn(20, 6, generator=torch.Generator().manual_seed(0)), dim=-1)
+    concepts = F.normalize(torch.randn(3, 6, generator=torch.Generator().manual_seed(1)), dim=-1)
+    table = localization_table(units, concepts, ["a", "b", "c"], temperature=0.1, tau=4)
+    assert table.shape == (4, 6) and list(table.index) == [1, 2, 3, 4]
+    for i, name in enumerate("abc"):
+        assert table[(name, "cosine")].tolist() == localize(units, concepts[i], tau=4)[0].tolist()
+        assert table[(name, "posterior")].tolist() == localize(units, concepts[i], tau=4, reference_kd=concepts,
+                                                               temperature=0.1)[0].tolist()
+    with pytest.raises(ValueError, match="3 concept embeddings for 2"):
+        localization_table(units, concepts, ["a", "b"])

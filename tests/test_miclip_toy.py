@@ -21,7 +21,8 @@ checked beside it (a weaker floor), so that a regression in either shows.
 import pytest
 import torch
 
-from miclip_nb import datasets, interpret, pipeline, shapes
+from miclip_nb import align, datasets, interpret, pipeline, shapes
+from miclip_nb.intervention import intervention_table
 from miclip_nb.select import MiClipSelector, RandomSelector
 
 N_TRAIN, N_EVAL, N_RANDOM, SEEDS = 4000, 1200, 20, (0, 1, 2)
@@ -31,10 +32,10 @@ VIT_GAP = "five residual-stream dimensions of toy_vit barely move its accuracy, 
 
 @pytest.fixture(scope="module", params=["toy_cnn", "toy_vit"])
 def aligned(request):
-    config = pipeline.PipelineConfig(model=request.param, train_data=f"shapes:train:{N_TRAIN}", seeds=(0,))
+    config = pipeline.PipelineConfig(model=request.param, clip="toyclip", train_data=f"shapes:train:{N_TRAIN}", seeds=(0,))
     prep = pipeline.prepare(config, progress=False)
-    encoders = [pipeline.fit_alignment(prep.store, prep.class_text_emb_cd, seed=s, progress=False) for s in SEEDS]
-    images, labels = pipeline.load_eval_images(prep.target, datasets.open_dataset(f"shapes:test:{N_EVAL}"))
+    encoders = [align.fit_alignment(prep.store, prep.class_text_emb_cd, seed=s, progress=False) for s in SEEDS]
+    images, labels = datasets.load_images(datasets.open_dataset(f"shapes:test:{N_EVAL}"), prep.target.preprocess)
     temperatures = [interpret.concept_temperature(e) for e in encoders]
     return prep, encoders[0], [interpret.unit_embeddings(e) for e in encoders], images, labels, temperatures
 
@@ -42,8 +43,8 @@ def aligned(request):
 def _mean_delta(prep, images, labels, selectors, beta):
     """(delta-accuracy, share of other-class images flipped to the class), averaged over classes and
     over the selectors (seeds or random draws)."""
-    table = pipeline.intervention_table(prep.target, images, labels, prep.layer, {"m": selectors},
-                                        betas={"x": beta}, progress=False)
+    table = intervention_table(prep.target, images, prep.layer, {"m": selectors}, labels=labels, betas={"x": beta},
+                               progress=False)
     return float(table["delta_acc"].mean()), float(table["flip_to_class"].mean())
 
 
@@ -86,7 +87,7 @@ def test_ablation_reference_bounds_the_removal(aligned):
     from miclip_nb.select import ScoreSelector
 
     prep, _, unit_embs, images, labels, temps = aligned
-    probe_images, probe_labels = pipeline.load_eval_images(prep.target, datasets.open_dataset("shapes:train:300"))
+    probe_images, probe_labels = datasets.load_images(datasets.open_dataset("shapes:train:300"), prep.target.preprocess)
     scores = ablation_scores(prep.target.module, prep.layer, probe_images, probe_labels, len(prep.target.class_names))
     ablation, _ = _mean_delta(prep, images, labels, [ScoreSelector("ablation", scores)], 0.0)
     miclip, _ = _mean_delta(prep, images, labels, _miclip_selectors(prep, unit_embs, temps), 0.0)
@@ -125,7 +126,7 @@ def test_localized_units_are_described_by_their_concept(aligned):
 def test_same_seed_same_encoder_and_units(aligned):
     prep, encoder, unit_embs, _, _, _ = aligned
     unit_emb = unit_embs[0]
-    again = pipeline.fit_alignment(prep.store, prep.class_text_emb_cd, seed=0, cache=False, progress=False)
+    again = align.fit_alignment(prep.store, prep.class_text_emb_cd, seed=0, cache=False, progress=False)
     for a, b in zip(encoder.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
     star = interpret.encode_concepts(prep.backend, ["star"])[0]

@@ -25,12 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: exercise them instead, each with a string the file must contain (so an entry cannot silently
 #: outlive the tests it points to).
 TESTED_ELSEWHERE: dict[str, dict[str, str]] = {
-    # the `miclip-nb` command, end to end on a planted store
-    "cli": {"test_methods_table.py": "cli.main("},
-    # prepare, fit_alignment, neuron_space and the delta-accuracy tables
-    "pipeline": {"test_miclip_toy.py": "pipeline.prepare(", "test_methods_table.py": "pipeline.neuron_space("},
-    # the selectors, inside the delta-accuracy harness
-    "select": {"test_steer.py": "from miclip_nb.select import", "test_methods_table.py": "from miclip_nb.select import",
+    # the selectors, inside the delta-accuracy harness and the method registry
+    "select": {"test_steer.py": "from miclip_nb.select import", "test_methods.py": "from miclip_nb.select import",
                "test_miclip_toy.py": "MiClipSelector("},
     # auroc / best_unit_auroc only through their callers (no test of ties or errors of their own)
     "metrics": {"test_toy_models.py": "concept_unit_aurocs(", "test_groundtruth.py": "topunit_aurocs("},
@@ -40,6 +36,8 @@ TESTED_ELSEWHERE: dict[str, dict[str, str]] = {
     "probes": {"test_baselines.py": "shapes.ShapesMaskProbe(", "test_groundtruth.py": "ShapesMaskProbe("},
     # the Shapes world's registrations, through the names it registers
     "plugin": {"test_plugins.py": "toy_cnn"},
+    # the Shapes world's toy profile
+    "profile": {"test_profiles.py": 'profiles.get("toy")'},
     # image grids and histograms through the panels' PNGs; the other plots only in the browser
     # suite (-m browser, outside the default run), which executes every notebook
     "viz": {"test_widgets.py": "unit_inspector_panel(", "test_browser.py": "viz.intervention_panels("},
@@ -168,3 +166,17 @@ def test_every_public_module_has_its_tests():
             path = ROOT / "tests" / file
             assert path.is_file(), f"{name}: {file} does not exist"
             assert evidence in path.read_text(), f"{name}: {file} no longer contains {evidence!r}"
+
+
+def test_the_curated_api_resolves_and_the_version_is_the_installed_one(pyproject):
+    """Every name of miclip_nb.__all__ resolves (imported lazily), and __version__ is pyproject's."""
+    import importlib
+
+    import miclip_nb
+
+    assert miclip_nb.__version__ == pyproject["project"]["version"]
+    for name in miclip_nb.__all__:
+        assert getattr(miclip_nb, name) is not None, name
+    assert miclip_nb.load_target is importlib.import_module("miclip_nb.zoo").load_target
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        miclip_nb.nope  # noqa: B018

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import pytest
 
-from miclip_nb import datasets, interpret, pipeline
+from miclip_nb import align, datasets, interpret, pipeline
+from miclip_nb.intervention import intervention_table
 from miclip_nb.select import MiClipSelector, RandomSelector
 
 
 @pytest.fixture(scope="module")
 def toy_cnn_aligned():
     """toy_cnn stages.2 aligned on 3000 training images (seed 0), with 600 test images."""
-    config = pipeline.PipelineConfig(model="toy_cnn", train_data="shapes:train:3000", seeds=(0,))
+    config = pipeline.PipelineConfig(model="toy_cnn", clip="toyclip", train_data="shapes:train:3000", seeds=(0,))
     prep = pipeline.prepare(config, progress=False)
-    encoder = pipeline.fit_alignment(prep.store, prep.class_text_emb_cd, seed=0, progress=False)
-    images, labels = pipeline.load_eval_images(prep.target, datasets.open_dataset("shapes:test:600"))
+    encoder = align.fit_alignment(prep.store, prep.class_text_emb_cd, seed=0, progress=False)
+    images, labels = datasets.load_images(datasets.open_dataset("shapes:test:600"), prep.target.preprocess)
     return prep, encoder, images, labels
 
 
@@ -38,7 +39,7 @@ def test_toy_cnn_localized_units_are_causal(toy_cnn_aligned):
     unit_emb = interpret.unit_embeddings(encoder)
     selectors = {"MiClip": [MiClipSelector(unit_emb, prep.class_text_emb_cd, temperature=interpret.concept_temperature(encoder))],
                  "Random": [RandomSelector(unit_emb.shape[0], s) for s in range(5)]}
-    long = pipeline.intervention_table(prep.target, images, labels, prep.layer, selectors, n_other=128, progress=False)
+    long = intervention_table(prep.target, images, prep.layer, selectors, labels=labels, n_other=128, progress=False)
     means = long.groupby(["method", "intervention"])[["delta_acc", "flip_to_class"]].mean()
     print(means.round(2).to_string())
     removal = means["delta_acc"].xs("remove", level="intervention")

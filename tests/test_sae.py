@@ -16,12 +16,12 @@ import torch.nn.functional as F
 
 from miclip_nb import sae as sae_mod
 from miclip_nb.capture import hooked_activations
-from miclip_nb.sae import (SAEConfig, SAEMismatchError, TopKSAE, build_sae_code_store,
+from miclip_nb.sae import (SAECodes, SAEConfig, SAEMismatchError, TopKSAE, build_sae_code_store,
                            build_sae_code_store_from_model, drop_rare_units,
                            feature_frequency, fit_sae, infer_n_prefix, load_sae,
                            pool_codes, sae_edit, sae_edit_factory, save_sae, train_sae, vectors)
 from miclip_nb.steer import class_deltas, edit_layer
-from miclip_nb.store import ActivationStore, StoreSpec, StoreWriter, acts_field
+from miclip_nb.store import ActivationStore, StoreSpec, StoreWriter, acts_field, build_store, derive_store, holdout
 from _synthetic import random_sae
 
 D = 16
@@ -146,17 +146,12 @@ def test_streaming_reads_one_shard_at_a_time(store, monkeypatch):
 
     monkeypatch.setattr(ActivationStore, "load", forbidden)
     monkeypatch.setattr(ActivationStore, "acts", forbidden)
-    real_read, real_iter = sae_mod._read_shard, ActivationStore.iter_shards
+    real_read = ActivationStore.read_shard
 
-    def spy_read(st, index, fields):
-        out = real_read(st, index, fields)
+    def spy_read(self, index, fields=None):  # every reader of the store goes through read_shard
+        out = real_read(self, index, fields)
         reads.append(next(iter(out.values())).shape[0])
         return out
-
-    def spy_iter(self, fields=None):
-        for shard in real_iter(self, fields):
-            reads.append(next(iter(shard.values())).shape[0])
-            yield shard
 
     real_pre = TopKSAE.pre_activations
 
@@ -164,13 +159,22 @@ def test_streaming_reads_one_shard_at_a_time(store, monkeypatch):
         calls.append(x.reshape(-1, x.shape[-1]).shape[0])
         return real_pre(self, x)
 
-    monkeypatch.setattr(sae_mod, "_read_shard", spy_read)
-    monkeypatch.setattr(ActivationStore, "iter_shards", spy_iter)
+    monkeypatch.setattr(ActivationStore, "read_shard", spy_read)
     monkeypatch.setattr(TopKSAE, "pre_activations", spy_pre)
     cfg = SAEConfig(expansion=2, k=4, epochs=1, batch_size=64)
     train_sae(store, "blk", cfg, progress=False)
-    assert reads and max(reads) <= 100
+    assert len(reads) == 3 * 4 and max(reads) <= 100  # statistics, one epoch, evaluation: 4 shards each
     assert calls and max(calls[:-5]) <= 64
+
+
+def test_held_out_images_are_the_stores_split_with_the_sae_salt(store, trained):
+    """The SAE evaluates on the images store.holdout(salt 12345) holds out, and nothing else."""
+    sae, metrics = trained
+    rows = torch.arange(store.n_rows)
+    held = holdout(rows, FAST.val_fraction, 0, sae_mod.SAE_SPLIT_SALT)
+    assert metrics["n_vectors"] == int(held.sum()) * 17 and metrics["n_train_vectors"] == int((~held).sum()) * 17
+    tokens = store.acts("blk")[held].reshape(-1, D)
+    assert sae_mod.evaluate_sae(sae, [tokens])["nmse"] == pytest.approx(metrics["nmse"], rel=1e-6)
 
 
 def test_dead_latents_are_revived_by_auxk(tmp_path):
@@ -267,11 +271,15 @@ def test_code_store_pools_codes_and_feeds_alignment(trained, store, tmp_path):
     from miclip_nb.align import AlignConfig, train_encoder
     from miclip_nb.interpret import unit_embeddings
 
+    from miclip_nb.interpret import UnitProvenance
+
     sae, _ = trained
     codes_store = build_sae_code_store(store, sae, "blk", root=tmp_path, progress=False)
-    name = acts_field("blk:sae")
-    assert codes_store.fields[name] == [sae.n_latents]
+    name = acts_field("blk")  # the real layer; the spec's unit transform tells codes from neurons
+    assert codes_store.fields[name] == [sae.n_latents] and codes_store.layers == ("blk",)
     assert set(codes_store.fields) == {name, "label", "pred", "clip_image"}
+    assert codes_store.spec.unit_transform == f"sae={sae.fingerprint}|n_prefix=1"
+    assert codes_store.spec.model == store.spec.model and codes_store.spec.pooling == "mean"
     acts = store.acts("blk")[:7]
     expected = sae.encode(acts)[:, 1:].mean(1)  # CLS excluded
     assert torch.allclose(codes_store.load(name)[:7], expected, atol=1e-5)
@@ -291,33 +299,82 @@ def test_code_store_pools_codes_and_feeds_alignment(trained, store, tmp_path):
         warnings.simplefilter("ignore", UserWarning)
         encoder, _ = train_encoder(codes_store, text, config=AlignConfig(epochs=2, batch_size=64), progress=False)
     assert unit_embeddings(encoder).shape == (sae.n_latents, 8)
-    assert encoder.meta["layer"] == "blk:sae" and sae.fingerprint in encoder.meta["model"]
+    assert encoder.meta["layer"] == "blk" and sae.fingerprint in encoder.meta["model"]
+    assert UnitProvenance.from_encoder_meta(encoder.meta) == UnitProvenance(store.spec.model, "blk", "mean", "SAE feature",
+                                                                           sae.fingerprint)
 
 
-def test_code_store_from_model_matches_the_token_route(tmp_path):
-    """Encoding straight from the model gives the same store (key and values) as capturing tokens
-    first, without writing the tokens."""
+@pytest.fixture(scope="module")
+def vit_tokens(tmp_path_factory):
+    """A random ViT (64 px, patch 16: CLS + 16 tokens), its token store of 24 Shapes images, an SAE on it."""
+    from miclip_nb.embed import FunctionBackend
     from miclip_nb.shapes import SHAPES, ShapesDataset
-    from miclip_nb.store import build_store
     from miclip_nb.shapes.toy_models import toy_preprocess
     from miclip_nb.zoo import load_target
 
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=6, img_size=64, patch_size=16, depth=2)
     target = load_target(vit, preprocess=toy_preprocess, class_names=list(SHAPES))
+    proj = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    clip = FunctionBackend(image_fn=lambda x: x.mean((2, 3)) @ proj, text_fn=lambda t: torch.randn(len(t), 8),
+                           preprocess=toy_preprocess, embed_dim=8, fingerprint="toyproj")
     dataset = ShapesDataset("train", 24)
-    tokens = build_store(target, dataset, ["blocks.1"], pooling="none", root=tmp_path, shard_size=10, progress=False)
+    root = tmp_path_factory.mktemp("vit_tokens")
+    tokens = build_store(target, dataset, ["blocks.1"], pooling="none", clip=clip, root=root, shard_size=10,
+                         progress=False)
     sae = random_sae(192)
     sae.meta.update(model=tokens.spec.model, layer="blocks.1")
-    via_tokens = build_sae_code_store(tokens, sae, "blocks.1", root=tmp_path / "codes", progress=False)
-    direct = build_sae_code_store_from_model(target, dataset, "blocks.1", sae, root=tmp_path / "codes2", batch_size=7,
-                                             progress=False)
+    return target, clip, dataset, tokens, sae
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_code_store_from_model_matches_the_token_route(vit_tokens, tmp_path, pooling):
+    """Encoding straight from the model gives the same store (key and values) as capturing tokens
+    first, without writing the tokens; the old entry points are these calls."""
+    target, clip, dataset, tokens, sae = vit_tokens
+    via_tokens = derive_store(tokens, SAECodes(sae), pooling=pooling, root=tmp_path / "codes", progress=False)
+    direct = build_store(target, dataset, ["blocks.1"], pooling=pooling, clip=clip, transform=SAECodes(sae),
+                         root=tmp_path / "codes2", batch_size=7, progress=False)
     assert direct.spec == via_tokens.spec and direct.dir.name == via_tokens.dir.name
-    name = acts_field("blocks.1:sae")
-    assert torch.allclose(direct.load(name), via_tokens.load(name), atol=1e-5)
-    assert torch.equal(direct.load("pred"), via_tokens.load("pred"))
+    name = acts_field("blocks.1")
+    codes = sae.encode(tokens.acts("blocks.1"))[:, 1:]  # CLS excluded
+    expected = codes.mean(1) if pooling == "mean" else codes.amax(1)
+    assert torch.allclose(via_tokens.load(name), expected, atol=1e-6)
+    assert torch.allclose(direct.load(name), via_tokens.load(name), atol=1e-6)
+    for field in ("pred", "label", "clip_image", "index"):
+        assert torch.equal(direct.load(field), via_tokens.load(field)), field
+        assert torch.equal(via_tokens.load(field), tokens.load(field)), field
+    # the wrappers with the old signatures give the very same stores
+    old_tokens = build_sae_code_store(tokens, sae, "blocks.1", pooling=pooling, root=tmp_path / "codes", progress=False)
+    old_direct = build_sae_code_store_from_model(target, dataset, "blocks.1", sae, clip=clip, pooling=pooling,
+                                                 root=tmp_path / "codes2", batch_size=7, progress=False)
+    assert old_tokens.dir == via_tokens.dir and old_direct.dir == direct.dir
+    assert old_tokens.meta["shards"] == via_tokens.meta["shards"]  # reused, not rewritten
     with pytest.raises(SAEMismatchError, match="layer"):
         build_sae_code_store_from_model(target, dataset, "blocks.0", sae, root=tmp_path, progress=False)
+    with pytest.raises(SAEMismatchError, match="layer"):
+        build_store(target, dataset, ["blocks.0"], transform=SAECodes(sae), root=tmp_path, progress=False)
+
+
+def test_sae_codes_keep_the_callers_sae_and_the_layout():
+    sae = random_sae(D)
+    before = [(p.device, p.data_ptr()) for p in sae.parameters()]
+    codes = SAECodes(sae)
+    tokens, maps = torch.randn(2, 5, D), torch.randn(2, D, 3, 3)
+    assert torch.equal(codes(tokens), sae.encode(tokens))
+    assert torch.equal(codes(maps), sae.encode(vectors(maps)).reshape(2, 3, 3, -1).permute(0, 3, 1, 2))
+    assert codes(torch.randn(4, D)).shape == (4, sae.n_latents)
+    assert codes(tokens.to("meta")).device.type == "meta"  # another device: a copy of the SAE runs there
+    assert [(p.device, p.data_ptr()) for p in sae.parameters()] == before
+    assert codes.fingerprint == f"sae={sae.fingerprint}"
+    with pytest.raises(SAEMismatchError, match="size"):
+        codes(torch.randn(2, 5, D + 1))
+
+
+def test_the_old_name_argument_is_ignored_with_a_warning(trained, store, tmp_path):
+    with pytest.warns(DeprecationWarning, match="acts/blk"):
+        codes = build_sae_code_store(store, trained[0], "blk", name="blk:sae", root=tmp_path, progress=False)
+    assert codes.layers == ("blk",)
 
 
 def test_feature_frequency_and_rare_units(trained, store, tmp_path):
@@ -454,7 +511,6 @@ def shapes_sae_world(model: str, n_train: int, config: SAEConfig, *, n_align: in
     from miclip_nb.interpret import unit_embeddings
     from miclip_nb.pipeline import class_prompts_embedding
     from miclip_nb.shapes import ShapesDataset
-    from miclip_nb.store import build_store
     from miclip_nb.shapes.plugin import TOY_LAYERS
     from miclip_nb.zoo import load_target
 
@@ -463,10 +519,10 @@ def shapes_sae_world(model: str, n_train: int, config: SAEConfig, *, n_align: in
     store = build_store(target, ShapesDataset("train", n_train), [layer], pooling="none", clip=backend, progress=False)
     sae, metrics = train_sae(store, layer, config, seed=seed, progress=False)
     if n_align is None or n_align == n_train:
-        codes_store = build_sae_code_store(store, sae, layer, pooling=pooling, progress=False)
+        codes_store = derive_store(store, SAECodes(sae), pooling=pooling, progress=False)
     else:
-        codes_store = build_sae_code_store_from_model(target, ShapesDataset("train", n_align), layer, sae, clip=backend,
-                                                      pooling=pooling, progress=False)
+        codes_store = build_store(target, ShapesDataset("train", n_align), [layer], pooling=pooling, clip=backend,
+                                  transform=SAECodes(sae), progress=False)
     class_emb = class_prompts_embedding(backend, target.class_names)
     with warnings.catch_warnings():  # never-firing features are constant units
         warnings.simplefilter("ignore", UserWarning)
@@ -493,11 +549,11 @@ def removal_vs_random(world, n_images: int, n_random: int, beta: float = 0.0):
     """Class-averaged delta-accuracy of editing each class's top-5 MiClip features, and of 5
     random features among those that fire on 10%+ of the images (one value per draw; a dead
     latent would change nothing), on shapes:test images."""
-    from miclip_nb.pipeline import load_eval_images
+    from miclip_nb.datasets import load_images
     from miclip_nb.select import MiClipSelector, ScoreSelector, selection
     from miclip_nb.shapes import ShapesDataset
 
-    images, labels = load_eval_images(world.target, ShapesDataset("test", n_images))
+    images, labels = load_images(ShapesDataset("test", n_images), world.target.preprocess)
     classes = sorted(set(labels.tolist()))
     factory = sae_edit_factory(world.sae)
 

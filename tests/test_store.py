@@ -10,6 +10,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from miclip_nb import store as store_mod
+from miclip_nb.datasets import as_dataset
 from miclip_nb.embed import FunctionBackend
 from miclip_nb.shapes import SHAPES, ShapesDataset, to_tensor
 from miclip_nb.store import METADATA, ActivationStore, StoreError, StoreWriter, build_store, store_spec
@@ -190,8 +191,8 @@ def test_spec_rejects_bad_arguments(shapes_ds):
         store_spec(target, shapes_ds, ["stage"], "average")
     with pytest.raises(ValueError, match="n_items"):
         store_spec(target, shapes_ds, ["stage"], "mean", n_items=N + 1)
-    with pytest.raises(ValueError, match="fingerprint"):
-        store_spec(target, list(range(3)), ["stage"], "mean")
+    with pytest.raises(ValueError, match=r"item 0 of the list of 3 int is an int, not an image"):
+        store_spec(target, list(range(3)), ["stage"], "mean")  # names the user's object, not an internal class
 
 
 def test_unknown_layer_fails_before_any_work(shapes_ds, tmp_path):
@@ -431,9 +432,9 @@ def test_training_reads_every_shard_through_the_checksum(reference, tmp_path, mo
     store = copy_store(reference, tmp_path)
     real_iter = ActivationStore.iter_shards
 
-    def then_corrupt(self, fields=None):
+    def then_corrupt(self, fields=None, **kwargs):
         try:
-            yield from real_iter(self, fields)
+            yield from real_iter(self, fields, **kwargs)
         finally:  # the pass is over (or its loop was left)
             corrupt_shard(store)
 
@@ -614,3 +615,296 @@ def test_a_folder_of_only_unreadable_images_raises(tmp_path):
         (tmp_path / name).write_bytes(b"nope")
     with pytest.warns(UserWarning), pytest.raises(UnreadableImageError, match="none of the 2 images"):
         capture(tiny_target(), open_dataset(tmp_path), tmp_path / "stores", on_error="skip")
+
+
+# ---------------------------------------------------------------- anything a user has, as a dataset
+
+
+def shapes_pixels(n: int = 12):
+    """(n, 64, 64, 3) uint8 Shapes images, as a user would hold them in memory."""
+    import numpy as np
+
+    ds = ShapesDataset("test", n)
+    return np.stack([np.asarray(ds[i][0]) for i in range(n)])
+
+
+def test_an_array_and_the_same_images_as_pil_give_the_same_activations(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+
+    pixels = shapes_pixels()
+    target = make_target()
+    from_array = build(target, pixels, tmp_path, clip=toy_clip())
+    from_pil = build(make_target(), [Image.fromarray(p) for p in pixels], tmp_path, clip=toy_clip())
+    from_chw = build(make_target(), torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), tmp_path, clip=toy_clip())
+    for store in (from_pil, from_chw):
+        for field in ("acts/stage", "pred", "clip_image", "label"):
+            assert torch.equal(store.load(field), from_array.load(field)), field
+    assert from_array.load("label").tolist() == [-1] * 12  # no labels given: unknown
+    # What the model computes on those images, preprocessed by the target.
+    x = torch.stack([to_tensor(Image.fromarray(p)) for p in pixels])
+    with torch.no_grad():
+        assert torch.allclose(from_array.acts(), target.module.stage(target.module.stem(x)).mean((2, 3)), atol=1e-6)
+    with_labels = build(make_target(), as_dataset(pixels, labels=np.arange(12) % 6), tmp_path)
+    assert with_labels.load("label").tolist() == (np.arange(12) % 6).tolist()
+    assert with_labels.dir != from_array.dir
+
+
+def test_different_arrays_never_share_a_store_key():
+    import numpy as np
+
+    pixels = shapes_pixels(6)
+    target = make_target()
+    key = lambda data: store_spec(target, data, ["stage"], "mean").key  # noqa: E731
+    other = pixels.copy()
+    other[3, 10, 10, 0] ^= 1  # one value of one pixel
+    assert key(pixels) == key(pixels.copy())  # content, not identity
+    assert len({key(pixels), key(other), key(pixels[:5]), key(pixels[::-1].copy()),
+                key(as_dataset(pixels, labels=np.zeros(6, dtype=int)))}) == 5
+    fingerprint = as_dataset(pixels).fingerprint
+    assert " at 0x" not in fingerprint and "array" in fingerprint
+
+
+class PlainImages(torch.utils.data.Dataset):
+    """A torch Dataset without a fingerprint, yielding (PIL image, label), counting its reads."""
+
+    def __init__(self, n: int = 8):
+        self.inner, self.reads = ShapesDataset("test", n), 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.inner[i]
+
+
+def test_a_torch_dataset_without_fingerprint_is_hashed_by_content(tmp_path):
+    plain = PlainImages()
+    store = build(make_target(), plain, tmp_path)
+    assert plain.reads == 2 * len(plain)  # once for the fingerprint, once for the capture
+    assert store.load("label").tolist() == [plain.inner[i][1] for i in range(len(plain))]
+    assert store.spec.dataset.startswith("content:PlainImages:8:") and " at 0x" not in store.spec.dataset
+    # the same content in a new object gets the same store; a given fingerprint skips the hashing pass
+    again = build(make_target(), PlainImages(), tmp_path)
+    assert again.dir == store.dir
+    named = PlainImages()
+    mine = build(make_target(), as_dataset(named, fingerprint="my-images-v1"), tmp_path)
+    assert named.reads == len(named) and mine.spec.dataset == "my-images-v1"
+
+
+def test_preprocessed_tensors_go_to_the_model_as_they_are(tmp_path):
+    from PIL import Image
+
+    pixels = shapes_pixels(8)
+    x = torch.stack([to_tensor(Image.fromarray(p)) for p in pixels]) * 0.5 + 0.1  # not what target.preprocess gives
+    target = make_target()
+    store = build(target, x, tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(store.acts(), target.module.stage(target.module.stem(x)).mean((2, 3)), atol=1e-6)
+        assert torch.equal(store.load("pred"), target.module(x).argmax(1))
+    with pytest.raises(ValueError, match=r"(?s)preprocessed.*CLIP.*Pass the images as PIL images.*or build the store with clip=None"):
+        build(make_target(), x, tmp_path / "clip", clip=toy_clip())
+    assert not (tmp_path / "clip").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"a": 1}, r"cannot use the dict object as a dataset"),
+    (torch.zeros(2, 3, 4, 4, 4), r"cannot use the tensor of shape \(2, 3, 4, 4, 4\)"),
+    (torch.rand(4, 8, 8, 3), r"float image|channels last"),
+    ([1.5, 2.5], r"item 0 of the list of 2 float is a float, not an image"),
+])
+def test_unusable_data_raise_naming_the_object_not_internal_classes(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match) as err:
+        build(make_target(), bad, tmp_path)
+    assert "PairedTransform" not in str(err.value) and "_Items" not in str(err.value)
+
+
+def test_a_flat_folder_of_unlabelled_photos_gives_the_models_predictions(tmp_path):
+    from PIL import Image
+
+    pixels = shapes_pixels(10)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / f"photo_{i:02d}.png")
+    target = make_target()
+    store = build(target, tmp_path, tmp_path / "stores", clip=toy_clip())  # the folder's path, as is
+    assert store.complete and store.load("label").tolist() == [-1] * 10
+    x = torch.stack([to_tensor(Image.fromarray(p)) for p in pixels])
+    with torch.no_grad():
+        assert torch.equal(store.load("pred"), target.module(x).argmax(1))
+    assert store.spec.dataset.startswith("unlabelled:")
+
+
+# ---------------------------------------------------------------- the caller's module stays where it is
+
+
+def test_build_store_never_moves_or_switches_the_callers_module(shapes_ds, tmp_path):
+    target = make_target()
+    target.module.train()  # whatever mode the caller left it in
+    before = {name: (p.device, p.data_ptr()) for name, p in target.module.named_parameters()}
+    store = build(target, shapes_ds, tmp_path, device="cpu")
+    assert {name: (p.device, p.data_ptr()) for name, p in target.module.named_parameters()} == before
+    assert target.module.training and all(m.training for m in target.module.modules())
+    assert target.module.calls == N // BATCH  # the caller's own module ran (it was already on the CPU)
+    ref = make_target()
+    x = torch.stack([to_tensor(shapes_ds[i][0]) for i in range(N)])
+    with torch.no_grad():
+        assert torch.equal(store.load("pred"), ref.module(x).argmax(1))  # captured in eval mode
+
+
+def test_module_on_another_device_is_a_copy():
+    module = CountingCNN()
+    ptrs = [p.data_ptr() for p in module.parameters()]
+    same, copied = store_mod.module_on_device(module, "cpu")
+    assert same is module and not copied
+    other, copied = store_mod.module_on_device(module, "meta")
+    assert copied and other is not module and all(p.device.type == "meta" for p in other.parameters())
+    assert [p.data_ptr() for p in module.parameters()] == ptrs
+    assert all(p.device.type == "cpu" for p in module.parameters())
+
+
+def test_build_store_runs_a_copy_when_the_module_is_elsewhere(shapes_ds, reference, tmp_path, monkeypatch):
+    """A module not on the requested device (simulated: every device counts as another) is
+    copied there; the copy runs, the caller's module is neither run nor moved."""
+    monkeypatch.setattr(store_mod, "_same_device", lambda a, b: False)
+    target = make_target()
+    before = [(p.device, p.data_ptr()) for p in target.module.parameters()]
+    store = build(target, shapes_ds, tmp_path, device="cpu", clip=toy_clip())
+    assert target.module.calls == 0 and [(p.device, p.data_ptr()) for p in target.module.parameters()] == before
+    assert_same_contents(store, reference)
+
+
+# ---------------------------------------------------------------- the held-out split
+
+
+def test_holdout_is_the_readers_hash_and_splits_partition_the_rows(reference):
+    rows = torch.arange(100000)
+    for salt in (0, 12345):
+        expected = (rows * 2654435761 + 3 * 97531 + salt) % 4294967296 < int(0.1 * 4294967296)
+        assert torch.equal(store_mod.holdout(rows, 0.1, 3, salt), expected)
+    assert abs(float(store_mod.holdout(rows, 0.1, 3).float().mean()) - 0.1) < 0.01
+    kw = {"val_fraction": 0.25, "split_seed": 1, "salt": 7}
+    all_rows = torch.cat([b["_row"] for b in reference.iter_batches(["label"], 5, shuffle=True, seed=2, with_rows=True)])
+    val = torch.cat([b["_row"] for b in reference.iter_batches(["label"], 5, shuffle=True, seed=2, with_rows=True,
+                                                               split="val", **kw)])
+    train = torch.cat([b["_row"] for b in reference.iter_batches(["label"], 5, shuffle=True, seed=2, with_rows=True,
+                                                                 split="train", **kw)])
+    held = store_mod.holdout(all_rows, 0.25, 1, 7)
+    assert torch.equal(val, all_rows[held]) and torch.equal(train, all_rows[~held])  # same order, each row once
+    shards = list(reference.iter_shards(["label"], split="val", with_rows=True, **kw))
+    assert torch.equal(torch.cat([s["_row"] for s in shards]), torch.arange(N)[store_mod.holdout(torch.arange(N), 0.25, 1, 7)])
+    assert reference.split_sizes("val", 0.25, 1, 7) == [len(s["label"]) for s in shards]
+    with pytest.raises(ValueError, match="split"):
+        next(reference.iter_shards(["label"], split="test"))
+
+
+# ---------------------------------------------------------------- unit transforms and derived stores
+
+
+class Squared:
+    """A toy unit transform: the square of every activation, in the layer's layout."""
+
+    fingerprint = "squared-v1"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, acts):
+        self.calls += 1
+        return acts * acts
+
+
+@pytest.fixture(scope="module")
+def raw_store(shapes_ds, tmp_path_factory):
+    """The stage's raw maps (pooling="none") of the Shapes images, with CLIP."""
+    return build(make_target(), shapes_ds, tmp_path_factory.mktemp("raw"), layers=["stage"], pooling="none",
+                 clip=toy_clip())
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_a_transformed_store_is_the_same_from_the_model_and_from_the_raw_store(raw_store, shapes_ds, tmp_path, pooling):
+    target = make_target()
+    direct = build(target, shapes_ds, tmp_path, layers=["stage"], pooling=pooling, clip=toy_clip(), transform=Squared())
+    derived = store_mod.derive_store(raw_store, Squared(), pooling=pooling, root=tmp_path, progress=False)
+    assert derived.dir == direct.dir and derived.spec == direct.spec  # one folder: the second call reuses it
+    assert direct.spec.unit_transform == "squared-v1|n_prefix=0" and direct.layers == ("stage",)
+    assert direct.fields["acts/stage"] == [12]
+    maps = raw_store.acts("stage")
+    expected = (maps * maps).flatten(2).mean(2) if pooling == "mean" else (maps * maps).flatten(2).amax(2)
+    assert torch.allclose(direct.acts("stage"), expected, atol=1e-6)
+    fresh = store_mod.derive_store(raw_store, Squared(), pooling=pooling, root=tmp_path / "fresh", progress=False)
+    assert torch.allclose(fresh.acts("stage"), expected, atol=1e-6)
+    for field in ("label", "pred", "clip_image", "index"):
+        assert torch.equal(fresh.load(field), raw_store.load(field)), field
+    plain = build(make_target(), shapes_ds, tmp_path, layers=["stage"], pooling=pooling, clip=toy_clip())
+    assert plain.dir != direct.dir and plain.spec.unit_transform is None
+
+
+def test_derive_store_reads_one_shard_at_a_time_and_resumes(raw_store, tmp_path, monkeypatch):
+    reads = []
+    real = ActivationStore.read_shard
+
+    def spy(self, index, fields=None):
+        out = real(self, index, fields)
+        reads.append(next(iter(out.values())).shape[0])
+        return out
+
+    monkeypatch.setattr(ActivationStore, "read_shard", spy)
+    whole = store_mod.derive_store(raw_store, Squared(), pooling="max", root=tmp_path / "whole", batch_size=3,
+                                   progress=False)
+    assert max(reads[: len(raw_store.meta["shards"])]) <= SHARD
+
+    class Interrupting(Squared):
+        def __call__(self, acts):
+            if self.calls == 8:  # one probe, then shards 0-1 (3 batches each), then 1 of shard 2
+                raise KeyboardInterrupt("interrupted")
+            return super().__call__(acts)
+
+    with pytest.raises(KeyboardInterrupt):
+        store_mod.derive_store(raw_store, Interrupting(), pooling="max", root=tmp_path / "resumed", batch_size=3,
+                               progress=False)
+    (partial_dir,) = (tmp_path / "resumed").iterdir()
+    assert ActivationStore(partial_dir).n_rows == 2 * SHARD
+    again = Squared()
+    resumed = store_mod.derive_store(raw_store, again, pooling="max", root=tmp_path / "resumed", batch_size=3,
+                                     progress=False)
+    assert again.calls == 1 + 3 * 3  # the probe and the three missing shards
+    assert_same_contents(resumed, whole)
+    reused = Squared()
+    store_mod.derive_store(raw_store, reused, pooling="max", root=tmp_path / "resumed", progress=False)
+    assert reused.calls == 1  # the probe only
+
+
+def test_derive_store_keeps_the_skipped_list(tmp_path):
+    from miclip_nb.datasets import open_dataset
+
+    png_folder(tmp_path / "photos")
+    with pytest.warns(UserWarning, match="img4.png"):
+        tokens = build_store(tiny_target(), open_dataset(tmp_path / "photos"), "1", pooling="none", root=tmp_path / "s",
+                             batch_size=2, shard_size=3, progress=False, on_error="skip")
+    derived = store_mod.derive_store(tokens, Squared(), root=tmp_path / "d", progress=False)
+    assert derived.skipped == tokens.skipped and derived.meta["on_error"] == "skip" and derived.complete
+    assert derived.load("index").tolist() == tokens.load("index").tolist() == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert torch.equal(derived.load("label"), tokens.load("label"))
+
+
+def test_derive_store_and_transforms_refuse_what_they_cannot_use(reference, raw_store, tmp_path):
+    with pytest.raises(ValueError, match="pooling='none'"):
+        store_mod.derive_store(reference, Squared(), root=tmp_path)  # a pooled store
+    with pytest.raises(ValueError, match="no layer 'stem'"):
+        store_mod.derive_store(raw_store, Squared(), layers=["stem"], root=tmp_path)
+    with pytest.raises(TypeError, match="unit transform.*fingerprint"):
+        store_mod.derive_store(raw_store, lambda acts: acts, root=tmp_path)
+    with pytest.raises(TypeError, match="unit transform"):
+        build(make_target(), ShapesDataset("test", 4), tmp_path, transform=torch.relu)
+
+    class Refusing(Squared):
+        def check_source(self, model, layer):
+            raise ValueError(f"not trained on {layer}")
+
+    with pytest.raises(ValueError, match="not trained on stage"):
+        store_mod.derive_store(raw_store, Refusing(), root=tmp_path)
+    with pytest.raises(ValueError, match="not trained on stage"):
+        build(make_target(), ShapesDataset("test", 4), tmp_path, transform=Refusing())
+    assert not any(tmp_path.iterdir())

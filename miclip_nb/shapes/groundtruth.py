@@ -38,17 +38,19 @@ from PIL import Image
 from torch import nn
 
 from .. import baselines as bl
+from .. import methods
 from ..interpret import DEFAULT_TEMPERATURE
 from ..metrics import auroc, best_unit_auroc
 from .probes import ShapesMaskProbe
 from .world import COLORS, CONCEPT_KIND, CONCEPTS, SHAPES
 
-MICLIP = "MiClip"
-MICLIP_COSINE = "MiClip (cosine)"
-RANDOM = "Random"
+#: The registry's methods this benchmark scores, by key (miclip_nb.methods gives their table names).
+METHOD_KEYS: tuple[str, ...] = ("miclip", "miclip_cosine", "act_values", "netdissect", "clip_dissect",
+                                "captum_conductance", "captum_ig", "captum_gxa")
+MICLIP, MICLIP_COSINE, RANDOM = (methods.table_name(k) for k in ("miclip", "miclip_cosine", "random"))
 BEST_UNIT = "Best unit (oracle)"
-#: Methods the benchmark knows, in table order.
-METHODS: tuple[str, ...] = (MICLIP, MICLIP_COSINE, *bl.BASELINES)
+#: Methods the benchmark knows, in table order (table names).
+METHODS: tuple[str, ...] = tuple(methods.table_name(k) for k in METHOD_KEYS)
 _MICLIPS = (MICLIP, MICLIP_COSINE)
 
 
@@ -247,16 +249,16 @@ def main(argv: list[str] | None = None) -> int:
 
     Trains (or loads from the cache) the MiClip encoder with the pipeline's defaults, then writes
     ``groundtruth_<model>.csv`` (tidy) and ``.md`` (summary and per-concept tables), and the
-    delta-accuracy table of every method (``delta_<model>.csv`` / ``.md``) on the test split.
+    delta-accuracy table of every method on the test split (pipeline.run into ``delta_<model>/``).
     """
     import argparse
     from pathlib import Path
 
+    from dataclasses import replace
+
+    from ..align import fit_alignment
     from ..interpret import concept_temperature, unit_embeddings
-    from ..pipeline import (PipelineConfig, fit_alignment, intervention_table, load_eval_images, prepare,
-                           summarize_table, table_markdown)
-    from ..datasets import open_dataset
-    from ..select import MiClipSelector, RandomSelector
+    from ..pipeline import PipelineConfig, prepare, run
 
     p = argparse.ArgumentParser(description="Ground-truth benchmark and delta-accuracy of every method (Shapes world)")
     p.add_argument("--model", default="toy_cnn")
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     config = PipelineConfig(model=args.model, layer=args.layer, seeds=tuple(args.seeds), n_random=args.n_random,
-                            train_data=f"shapes:train:{args.n_train}")
+                            clip="toyclip", train_data=f"shapes:train:{args.n_train}")
     prep = prepare(config, progress=True)
     encoders = [fit_alignment(prep.store, prep.class_text_emb_cd, layer=prep.layer, config=config.align, seed=s, progress=True)
                 for s in config.seeds]
@@ -296,25 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     print(groundtruth_markdown(gt))
 
     if not args.skip_delta:
-        n_classes = len(prep.target.class_names)
-        train_ds = open_dataset(config.train_data)
-        cap_x, cap_y = load_eval_images(prep.target, train_ds, 600)
-        scores = bl.class_baseline_scores(
-            prep.target.module, prep.layer, prep.store, n_classes=n_classes, class_emb_cd=prep.class_text_emb_cd,
-            mask_probe=ShapesMaskProbe("train", args.n_probe), captum_images=cap_x, captum_labels=cap_y,
-            n_steps=args.captum_steps, progress=True)
-        images, labels = load_eval_images(prep.target, open_dataset(f"shapes:test:{args.n_test}"))
-        n_units = prep.store.fields[f"acts/{prep.layer}"][0]
-        selectors = {MICLIP: [MiClipSelector(ue, prep.class_text_emb_cd, temperature=t) for ue, t in zip(unit_embs, temps)],
-                     MICLIP_COSINE: [MiClipSelector(ue, prep.class_text_emb_cd, MICLIP_COSINE, "cosine") for ue in unit_embs],
-                     **bl.score_selectors(scores),
-                     RANDOM: [RandomSelector(n_units, s) for s in range(args.n_random)]}
-        long = intervention_table(prep.target, images, labels, prep.layer, selectors, progress=True)
-        table = summarize_table(long)
-        long.to_csv(args.out_dir / f"delta_{args.model}_long.csv", index=False)
-        table.to_csv(args.out_dir / f"delta_{args.model}.csv", index=False)
-        (args.out_dir / f"delta_{args.model}.md").write_text(table_markdown(table))
-        print(table_markdown(table))
+        delta = replace(config, methods=("miclip", "miclip_cosine", "random", *METHOD_KEYS[2:]),
+                        eval_data=f"shapes:test:{args.n_test}", n_probe=args.n_probe, n_captum=600,
+                        captum_steps=args.captum_steps, out_dir=str(args.out_dir / f"delta_{args.model}"))
+        paths = run(delta)
+        print(paths["delta_md"].read_text())
     return 0
 
 

@@ -309,8 +309,14 @@ class ShapesDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform is not None else img), s.shape
 
     def attributes(self) -> np.ndarray:
-        """(n, 3) int array of (shape, colour, texture) indices for every image (generates them)."""
-        return np.array([[s.shape, s.color, s.texture] for s in map(self.sample, range(self.n))])
+        """(n, 3) int array of (shape, colour, texture) indices of every image (drawn without
+        rendering: the attributes are the first draws of each image's generator)."""
+        return np.array([_sample_attributes(self.cfg, self.split, _rng(self.cfg, self.split, i)) for i in range(self.n)])
+
+    @property
+    def labels(self) -> list[int]:
+        """Every image's label (its shape index), without rendering the images."""
+        return self.attributes()[:, 0].tolist()
 
     @property
     def fingerprint(self) -> str:
