@@ -35,7 +35,8 @@ _EXPORTS: dict[str, str] = {
     # notebooks
     "Profile": "profiles", "claim": "claims",
 }
-_SUBMODULES = ("align", "baselines", "capture", "claims", "datasets", "diagnose", "embed", "grounding", "interpret",
+_SUBMODULES = ("align", "baselines", "capture", "claims", "datasets", "diagnose", "distributed", "embed", "grounding",
+               "interpret",
                "intervention", "methods", "metrics", "pipeline", "plugins", "profiles", "reporting", "sae", "select",
                "steer", "store", "units", "viz", "widgets", "zoo")
 

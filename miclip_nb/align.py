@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
 from ._checkpoint import read_checkpoint, save_checkpoint
 from ._paths import cache_dir
 from .store import INDEX_FIELD, ROW_KEY, ActivationStore, acts_field
@@ -115,11 +116,18 @@ class NeuronEncoder(nn.Module):
         else:
             self.net = nn.Sequential(nn.Linear(config.n_units, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.embed_dim))
 
-    def forward(self, acts_nu: torch.Tensor, unit_dropout: float = 0.0) -> torch.Tensor:
+    def forward(self, acts_nu: torch.Tensor, unit_dropout: float = 0.0, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """acts_nu: (N, U) raw activations -> (N, D). unit_dropout: share of standardised units
+        zeroed per row in training mode (inverted dropout). mask: an (N, U) inverted-dropout mask
+        (0 or 1 / (1 - p)) multiplied in instead of drawing one (distributed training draws the
+        whole batch's mask on every rank and applies each rank's rows). Raises
+        EncoderMismatchError for another number of units."""
         if acts_nu.shape[-1] != self.config.n_units:
             raise EncoderMismatchError(f"encoder expects {self.config.n_units} units, got activations with {acts_nu.shape[-1]}")
         z = (acts_nu - self.act_mean) / self.act_std
-        if unit_dropout > 0 and self.training:
+        if mask is not None:
+            z = z * mask
+        elif unit_dropout > 0 and self.training:
             z = F.dropout(z, unit_dropout, training=True)
         return self.net(z)
 
@@ -141,16 +149,21 @@ class NeuronEncoder(nn.Module):
 
 @torch.no_grad()
 def _streaming_stats(store: ActivationStore, field_name: str, val_fraction: float,
-                     seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+                     seed: int, distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Mean and std of a (N, U) field over the training rows (the store's split with
     ``val_fraction``, ``seed`` and :data:`ALIGN_SPLIT_SALT`), one shard at a time (float64 sums).
+    distributed: each rank sums the shards ``rank, rank + W, ...`` and the sums are all-reduced.
 
     Raises ValueError naming the rows with NaN or inf values (the first few and how many).
     """
     total, total_sq, count = None, None, 0
     bad_rows, bad_indices, n_bad = [], [], 0
     extra = [INDEX_FIELD] if INDEX_FIELD in store.fields else []
-    for shard in store.iter_shards([field_name, *extra], with_rows=True):
+    order = None
+    if distributed:
+        rank, world = _dist.rank_and_world()
+        order = range(rank, len(store.meta["shards"]), world)
+    for shard in store.iter_shards([field_name, *extra], with_rows=True, order=order):
         x = shard[field_name].double()
         rows = shard[ROW_KEY]
         finite = torch.isfinite(x).all(1)
@@ -163,6 +176,16 @@ def _streaming_stats(store: ActivationStore, field_name: str, val_fraction: floa
         total = x.sum(0) if total is None else total + x.sum(0)
         total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
         count += x.shape[0]
+    if distributed:
+        width = store.fields[field_name][0]
+        zeros = torch.zeros(width, dtype=torch.float64)
+        packed = _dist.all_reduce(torch.cat([zeros if total is None else total, zeros if total_sq is None else total_sq,
+                                             torch.tensor([count, n_bad], dtype=torch.float64)]))
+        total, total_sq, count, n_bad = packed[:width], packed[width:-2], int(packed[-2]), int(packed[-1])
+        if n_bad:
+            found = sorted(p for part in _dist.all_gather_objects(list(zip(bad_rows, bad_indices or [None] * len(bad_rows))))
+                           for p in part)[:5]
+            bad_rows, bad_indices = [r for r, _ in found], [i for _, i in found] if extra else []
     if n_bad:
         where = f"rows {bad_rows[:5]}" + (f" (dataset indices {bad_indices[:5]})" if extra else "")
         raise ValueError(
@@ -207,6 +230,7 @@ def train_encoder(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> tuple[NeuronEncoder, dict]:
     """Train a neuron encoder on one layer of a store.
 
@@ -215,7 +239,24 @@ def train_encoder(
     layer (default: the store's first). Rows are held out for early stopping by the store's split
     (``config.val_fraction``, ``seed``; store.holdout). Returns (encoder in eval mode on CPU, history dict with
     per-epoch train/val losses, best epoch, n_train/n_val). Same seed -> same encoder on CPU.
-    Raises ValueError for NaN activations, a store without CLIP embeddings, or mismatched sizes.
+
+    distributed: None (default) trains data-parallel when a ``torch.distributed`` process group
+    with more than one rank is initialised (:mod:`miclip_nb.distributed`), True demands one, False
+    never. Every rank then calls train_encoder with the same arguments and reads the batches of
+    the one-process run (same shuffles and split); rank r encodes the contiguous rows
+    ``distributed.split(B, r, W)`` of each batch of B rows (its share of the batch's unit-dropout
+    mask, drawn for the whole batch on every rank); the embeddings are all-gathered with gradient
+    (:func:`distributed.gather_rows`, open_clip's ``ClipLoss(local_loss=False,
+    gather_with_grad=True)``), so each rank computes the one-process loss of the whole batch, the
+    negatives included, and the gradients are averaged over ranks (the gathered rows' gradients
+    are summed back to their rank; averaging gives the full-batch gradient). The standardisation
+    statistics are all-reduced sums (each rank its share of the shards). Every rank returns the
+    same encoder, equal to a one-process run with the same ``batch_size`` up to float summation
+    order (under 1e-7 apart after 3-4 epochs on CPU in tests/test_distributed.py, which checks
+    ``atol=1e-5``). The default
+    device is then ``cuda:<LOCAL_RANK>`` when CUDA is available.
+    Raises ValueError for NaN activations, a store without CLIP embeddings, or mismatched sizes;
+    RuntimeError for ``distributed=True`` without a process group.
     """
     layer = layer or store.layers[0]
     field_name = acts_field(layer)
@@ -228,10 +269,13 @@ def train_encoder(
     n_units, embed_dim = store.fields[field_name][0], store.fields["clip_image"][0]
     if class_text_emb_cd.ndim != 2 or class_text_emb_cd.shape[1] != embed_dim:
         raise ValueError(f"class_text_emb_cd must be (C, {embed_dim}), got {tuple(class_text_emb_cd.shape)}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist_on = _dist.enabled(distributed)
+    rank, world = _dist.rank_and_world() if dist_on else (0, 1)
+    progress = progress and rank == 0
+    device = torch.device(device or (_dist.default_device() if dist_on else "cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
 
-    mean, std, n_train = _streaming_stats(store, field_name, config.val_fraction, seed)
+    mean, std, n_train = _streaming_stats(store, field_name, config.val_fraction, seed, distributed=dist_on)
     constant = std < 1e-8
     if constant.all():
         raise ValueError(f"every unit of layer {layer!r} is constant over the data; nothing to align")
@@ -252,6 +296,8 @@ def train_encoder(
     temps = _Temperatures(config.init_temperature)
     encoder.to(device)
     temps.to(device)
+    if dist_on:  # the same seed gives every rank the same start; rank 0's is made everyone's
+        _dist.broadcast_module_(encoder, temps)
     text = class_text_emb_cd.to(device).float()
     params = list(encoder.parameters()) + list(temps.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -267,14 +313,23 @@ def train_encoder(
             n = batch[field_name].shape[0]
             if n < 2:
                 continue
-            acts = batch[field_name].to(device).float()
+            lo, hi = _dist.split(n, rank, world)
+            acts = batch[field_name][lo:hi].to(device).float()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), torch.set_grad_enabled(train):
-                z = encoder(acts, config.unit_dropout if train else 0.0)
+                if dist_on:
+                    mask = None
+                    if train and config.unit_dropout > 0:  # the whole batch's mask, as one process draws it
+                        mask = F.dropout(torch.ones(n, n_units, device=device), config.unit_dropout, training=True)[lo:hi]
+                    z = _dist.gather_rows(encoder(acts, mask=mask), n)
+                else:
+                    z = encoder(acts, config.unit_dropout if train else 0.0)
                 loss, _ = alignment_loss(z, text[batch["pred"].to(device)], batch["clip_image"].to(device),
                                          temps, config.concept_weight, config.image_weight)
             if train:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if dist_on:
+                    _dist.reduce_gradients_(params, "mean")
                 opt.step()
                 with torch.no_grad():
                     first = encoder.net if config.kind == "linear" else encoder.net[0]
@@ -290,6 +345,10 @@ def train_encoder(
         history["train_loss"].append(run_epoch(True, epoch))
         with torch.no_grad():
             history["val_loss"].append(run_epoch(False, epoch))
+        if dist_on:  # equal on every rank already; rank 0's makes the early-stopping decision everyone's
+            losses = torch.tensor([history["train_loss"][-1], history["val_loss"][-1]], dtype=torch.float64)
+            _dist.broadcast_([losses])
+            history["train_loss"][-1], history["val_loss"][-1] = losses.tolist()
         bar.set_postfix(train=f"{history['train_loss'][-1]:.3f}", val=f"{history['val_loss'][-1]:.3f}")
         if history["val_loss"][-1] < best_val - 1e-4:
             best_val, stale, history["best_epoch"] = history["val_loss"][-1], 0, epoch
@@ -330,12 +389,13 @@ def _tensor_digest(t: torch.Tensor) -> str:
 def fit_alignment(
     store: ActivationStore, class_text_emb_cd: torch.Tensor, *, layer: str | None = None,
     config: AlignConfig = AlignConfig(), seed: int = 0, device: str | None = None,
-    cache: bool = True, progress: bool = True,
+    cache: bool = True, progress: bool = True, distributed: bool | None = None,
 ) -> NeuronEncoder:
     """:func:`train_encoder`, or its cached result (``cache_dir()/encoders/<hash>``).
 
     The cache key hashes the store key, layer, config, seed and the class text embeddings, so any
-    change retrains. Returns the encoder in eval mode on CPU.
+    change retrains. Returns the encoder in eval mode on CPU. distributed: as train_encoder's
+    (data-parallel under a process group; rank 0 writes the cache, the others wait for it).
     """
     layer = layer or store.layers[0]
     key_src = json.dumps({"store": store.spec.key, "layer": layer, "config": asdict(config), "seed": seed,
@@ -343,7 +403,11 @@ def fit_alignment(
     path = cache_dir() / "encoders" / hashlib.sha256(key_src.encode()).hexdigest()[:20] / "encoder"
     if cache and path.with_suffix(".json").is_file():
         return load_encoder(path)
-    encoder, _ = train_encoder(store, class_text_emb_cd, layer=layer, config=config, seed=seed, device=device, progress=progress)
-    if cache:
+    encoder, _ = train_encoder(store, class_text_emb_cd, layer=layer, config=config, seed=seed, device=device,
+                               progress=progress, distributed=distributed)
+    dist_on = _dist.enabled(distributed)
+    if cache and (not dist_on or _dist.rank_and_world()[0] == 0):
         save_encoder(encoder, path)
+    if dist_on:
+        _dist.barrier()
     return encoder

@@ -42,6 +42,7 @@ classes' other-class samples (C x n_other indices).
 from __future__ import annotations
 
 import bisect
+import warnings
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -117,6 +118,25 @@ class _Images:
     def example(self) -> torch.Tensor:
         """Two finite images (NaN and inf zeroed) to trace a split on."""
         return torch.nan_to_num(self.chunk(0, min(2, self.n)), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _classes_with_images(labels: torch.Tensor, classes) -> list[int]:
+    """The classes to evaluate: ``classes`` (default: every label present) less those without an
+    image, which are named in a warning. Raises ValueError when none is left."""
+    present = set(labels.tolist())
+    wanted = sorted(present) if classes is None else [int(c) for c in classes]
+    missing = [c for c in wanted if c not in present]
+    if missing and len(missing) == len(wanted):
+        raise ValueError(f"none of the classes {describe_classes(missing)} has an evaluation image")
+    if missing:
+        warnings.warn(f"classes {describe_classes(missing)} have no evaluation image: left out", stacklevel=3)
+    return [c for c in wanted if c in present]
+
+
+def describe_classes(classes: Sequence[int]) -> str:
+    """"[3, 7, 9]" or "[3, 7, 9, 12, 15, ...] (40 classes)"."""
+    shown = ", ".join(map(str, classes[:5])) + (", ..." if len(classes) > 5 else "")
+    return f"[{shown}]" + (f" ({len(classes)} classes)" if len(classes) > 5 else "")
 
 
 def _label_attribute(dataset) -> torch.Tensor | None:
@@ -528,8 +548,7 @@ def intervention_table(
     model, preprocess = _model_and_preprocess(target)
     memo = cache if cache is not None else {}
     images = _Images(data, labels, preprocess, memo)
-    present = set(images.labels.tolist())
-    classes = sorted(present) if classes is None else [int(c) for c in classes if int(c) in present]
+    classes = _classes_with_images(images.labels, classes)
     jobs = []
     for name, sels in selectors.items():
         sels = [sels] if hasattr(sels, "select") else list(sels)

@@ -11,10 +11,11 @@ table name ("Act-Values"); :func:`register` adds one.
 |---|---|---|---|
 | miclip | MiClip | neuron, sae | the aligned unit embeddings, ranked by log p(class \\| unit) (interpret) |
 | miclip_cosine | MiClip (cosine) | neuron, sae | the same embeddings, ranked by cosine (the paper's rule) |
+| image_only | Image-only aligner | neuron, sae | an encoder aligned with CLIP's image embeddings alone (Text-to-Concept), ranked as MiClip |
 | random | Random (reference) | neuron, sae | nothing: ``n_random`` draws |
 | act_values | Act-Values | neuron, sae | mean activation per class over the store (predicted class where labels are unknown) |
 | netdissect | NetDissect | neuron | IoU of thresholded maps with concept masks |
-| clip_dissect | CLIP-Dissect | neuron, sae | soft-WPMI of top-activating images' CLIP similarities |
+| clip_dissect | CLIP-Dissect | neuron, sae | soft-WPMI of top-activating images' CLIP similarities (a ViT layer's class token, as its code reads) |
 | captum_conductance / captum_ig / captum_gxa | Captum-* | neuron | attributions of the class logit |
 | ablation | Ablation (reference) | neuron, sae | what removing each unit alone costs each class |
 
@@ -56,6 +57,8 @@ class Evidence:
     images: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None  # (n, seed) -> (images, labels)
     mask_probe: object = None  # baselines.MaskProbe for NetDissect
     miclip: Callable[[int], tuple[torch.Tensor, float]] | None = None  # seed -> (unit embeddings (U, D), temperature)
+    image_only: Callable[[int], tuple[torch.Tensor, float]] | None = None  # the same, aligned on images alone
+    pooled: Callable[[str], object] | None = None  # pooling -> the store of the same images pooled that way (neurons)
     device: str | None = None
     progress: bool = False
 
@@ -79,6 +82,7 @@ class Evidence:
 
 _NEEDS_HELP = {
     "miclip": "the aligned unit embeddings per seed: pipeline.miclip_unit_embeddings",
+    "image_only": "unit embeddings of encoders aligned on images alone: pipeline.miclip_unit_embeddings with image_only=True",
     "mask_probe": "concept masks: a Broden-style folder (baselines.FolderMaskProbe) or a dataset with masks",
     "images": "a way to draw training images per seed",
 }
@@ -165,11 +169,12 @@ def table_name(key: str) -> str:
 # The methods
 
 
-def _miclip_scores(scoring: str):
+def _aligned_scores(field: str, name: str, scoring: str):
+    """Scores of an aligner's unit embeddings (Evidence.<field>) against the classes."""
     def scores(ev: Evidence, seed: int) -> torch.Tensor:
         from .interpret import concept_unit_scores
 
-        unit_emb, temperature = ev.require("miclip", "MiClip")(seed)
+        unit_emb, temperature = ev.require(field, name)(seed)
         return concept_unit_scores(unit_emb, ev.class_emb_cd, scoring, temperature=temperature)
 
     return scores
@@ -195,8 +200,19 @@ def _act_values(ev: Evidence, seed: int) -> torch.Tensor:
                                     rows=_rows(ev, seed))
 
 
+def clip_dissect_store(ev: Evidence):
+    """The store CLIP-Dissect reads: a ViT layer's class token where the units are the layer's
+    neurons (as CLIP-Dissect's own code does for ViTs; a mean over the patch tokens changes most
+    units' labels), else the evidence's store (CNN maps pooled by the run's pooling; SAE codes)."""
+    from .capture import num_prefix_tokens
+
+    if ev.space.kind == "neuron" and ev.pooled is not None and num_prefix_tokens(ev.space.target.module) > 0:
+        return ev.pooled("cls")
+    return ev.store
+
+
 def _clip_dissect(ev: Evidence, seed: int) -> torch.Tensor:
-    return bl.clip_dissect_from_store(ev.store, ev.class_emb_cd, ev.space.layer, rows=_rows(ev, seed))
+    return bl.clip_dissect_from_store(clip_dissect_store(ev), ev.class_emb_cd, ev.space.layer, rows=_rows(ev, seed))
 
 
 def _netdissect(ev: Evidence, seed: int) -> torch.Tensor:
@@ -223,10 +239,13 @@ def _ablation(ev: Evidence, seed: int) -> torch.Tensor:
 
 
 _BOTH, _NEURONS = frozenset({"neuron", "sae"}), frozenset({"neuron"})
-register(Method("miclip", "MiClip", _BOTH, scores=_miclip_scores("posterior"),
+register(Method("miclip", "MiClip", _BOTH, scores=_aligned_scores("miclip", "MiClip", "posterior"),
                 description="aligned units ranked by log p(class | unit) against the classes (interpret)"))
-register(Method("miclip_cosine", "MiClip (cosine)", _BOTH, scores=_miclip_scores("cosine"),
+register(Method("miclip_cosine", "MiClip (cosine)", _BOTH, scores=_aligned_scores("miclip", "MiClip", "cosine"),
                 description="the same aligned units ranked by cosine to the class (the paper's rule)"))
+register(Method("image_only", "Image-only aligner", _BOTH,
+                scores=_aligned_scores("image_only", "Image-only aligner", "posterior"),
+                description="MiClip without the predicted-label term (as Text-to-Concept): is anchoring on the output worth it?"))
 register(Method("random", "Random", _BOTH, draws=_random_draws, reference=True, description="random units, the floor"))
 register(Method("act_values", bl.ACT_VALUES, _BOTH, scores=_act_values, description="mean activation per class"))
 register(Method("netdissect", bl.NETDISSECT, _NEURONS, scores=_netdissect, description="IoU with concept masks"))

@@ -224,10 +224,13 @@ def unit_space(prep: Prepared, progress: bool = True) -> tuple[UnitSpace, Activa
     return sae_features(prep.target, prep.layer, sae), codes
 
 
-def miclip_encoders(prep: Prepared, store: ActivationStore, progress: bool = True) -> list[NeuronEncoder]:
-    """One trained encoder per seed of the run (cached, align.fit_alignment) on ``store``'s units."""
+def miclip_encoders(prep: Prepared, store: ActivationStore, progress: bool = True, image_only: bool = False) -> list[NeuronEncoder]:
+    """One trained encoder per seed of the run (cached, align.fit_alignment) on ``store``'s units.
+    ``image_only``: without MiClip's predicted-label term (``concept_weight=0``): the units aligned
+    with CLIP's image embeddings alone, as Text-to-Concept does (the table row "Image-only aligner")."""
     cfg = prep.config
-    return [fit_alignment(store, prep.class_text_emb_cd, layer=prep.layer, config=cfg.align, seed=seed,
+    config = replace(cfg.align, concept_weight=0.0) if image_only else cfg.align
+    return [fit_alignment(store, prep.class_text_emb_cd, layer=prep.layer, config=config, seed=seed,
                           device=cfg.device, progress=progress) for seed in cfg.seeds]
 
 
@@ -245,21 +248,31 @@ def miclip_unit_embeddings(prep: Prepared, space: UnitSpace, store: ActivationSt
     return out
 
 
+def _per_seed(seeds: Sequence[int], unit_embs, temperatures):
+    """seed -> (unit embeddings, temperature), or None without embeddings. Raises ValueError for
+    counts that differ."""
+    if unit_embs is None:
+        return None
+    temps = list(temperatures) if temperatures is not None else [None] * len(unit_embs)
+    if len(temps) != len(unit_embs):
+        raise ValueError(f"{len(temps)} temperatures for {len(unit_embs)} unit-embedding matrices")
+    by_seed = {s: (u, t) for s, u, t in zip(seeds, unit_embs, temps)}
+    return lambda seed: by_seed[seed]
+
+
 def evidence(prep: Prepared, space: UnitSpace, store: ActivationStore, unit_embs: Sequence[torch.Tensor] | None = None,
-             temperatures: Sequence[float] | None = None, progress: bool = False) -> methods_mod.Evidence:
+             temperatures: Sequence[float] | None = None, progress: bool = False,
+             image_only: tuple[Sequence[torch.Tensor], Sequence[float]] | None = None) -> methods_mod.Evidence:
     """What the run's methods read (methods.Evidence): the store, the class embeddings, the seeds,
-    MiClip's unit embeddings and temperatures per seed, the training images for Captum and the
-    ablation reference, and NetDissect's masks (config.mask_probe, or the training data's own)."""
+    MiClip's unit embeddings and temperatures per seed (and ``image_only``'s: (embeddings,
+    temperatures) of the image-only aligner), the training images for Captum and the ablation
+    reference, NetDissect's masks (config.mask_probe, or the training data's own), and the training
+    images' store under another pooling (CLIP-Dissect reads a ViT layer's class token)."""
     from . import baselines as bl
 
     cfg = prep.config
-    miclip = None
-    if unit_embs is not None:
-        temps = list(temperatures) if temperatures is not None else [None] * len(unit_embs)
-        if len(temps) != len(unit_embs):
-            raise ValueError(f"{len(temps)} temperatures for {len(unit_embs)} unit-embedding matrices")
-        by_seed = {s: (u, t) for s, u, t in zip(cfg.seeds, unit_embs, temps)}
-        miclip = lambda seed: by_seed[seed]  # noqa: E731
+    miclip = _per_seed(cfg.seeds, unit_embs, temperatures)
+    image_only = _per_seed(cfg.seeds, *image_only) if image_only is not None else None
 
     from .datasets import load_images
 
@@ -284,7 +297,15 @@ def evidence(prep: Prepared, space: UnitSpace, store: ActivationStore, unit_embs
             return source.mask_probe(prep.store.n_rows, preprocess=prep.target.preprocess)
         return None
 
-    return methods_mod.Evidence(space, store, prep.class_text_emb_cd, cfg.seeds, n_random=cfg.n_random,
+    def pooled(pooling: str) -> ActivationStore:
+        """The training images' store of the layer's neurons pooled by ``pooling`` (cached)."""
+        if pooling == prep.store.spec.pooling:
+            return prep.store
+        return build_store(prep.target, train, [prep.layer], pooling=pooling, clip=prep.backend,
+                           n_items=_cap(train, cfg.n_train), batch_size=cfg.batch_size, device=cfg.device, progress=progress)
+
+    return methods_mod.Evidence(space, store, prep.class_text_emb_cd, cfg.seeds, n_random=cfg.n_random, pooled=pooled,
+                                image_only=image_only,
                                 n_probe=cfg.n_probe, n_captum=cfg.n_captum, captum_steps=cfg.captum_steps, images=images,
                                 mask_probe=mask_probe() if "netdissect" in cfg.methods else None, miclip=miclip,
                                 device=cfg.device, progress=progress)
@@ -333,12 +354,16 @@ def delta_accuracy(config: PipelineConfig, prep: Prepared | None = None, progres
     else:
         prep = Prepared(config, prep.target, prep.backend, prep.store, prep.layer, prep.class_text_emb_cd, prep.train)
     space, store = unit_space(prep, progress)
-    unit_embs = temperatures = None
+    unit_embs = temperatures = image_only = None
     if any(m in config.methods for m in ("miclip", "miclip_cosine")):
         encoders = miclip_encoders(prep, store, progress)
         unit_embs = miclip_unit_embeddings(prep, space, store, encoders)
         temperatures = [concept_temperature(e) for e in encoders]
-    selectors = method_selectors(evidence(prep, space, store, unit_embs, temperatures, progress), config.methods)
+    if "image_only" in config.methods:
+        encoders = miclip_encoders(prep, store, progress, image_only=True)
+        image_only = (miclip_unit_embeddings(prep, space, store, encoders), [concept_temperature(e) for e in encoders])
+    selectors = method_selectors(evidence(prep, space, store, unit_embs, temperatures, progress, image_only),
+                                 config.methods)
     eval_data = dataset(config.eval_data, config.n_eval)
     cache: dict = {}
     long = intervention_table(prep.target, eval_data, prep.layer, selectors, tau=config.tau, edit_factory=space.edit_factory,

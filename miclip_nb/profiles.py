@@ -29,10 +29,10 @@ from .sae import SAEConfig
 __all__ = ["Profile", "get", "names", "real", "real_smoke"]
 
 #: The paper's methods on neurons (NetDissect needs a Broden-style mask folder: $BRODEN_IMAGENET).
-PAPER_NEURON_METHODS = ("miclip", "miclip_cosine", "random", "act_values", "netdissect", "clip_dissect", "captum_ig",
-                        "captum_gxa")
+PAPER_NEURON_METHODS = ("miclip", "miclip_cosine", "image_only", "random", "act_values", "netdissect", "clip_dissect",
+                        "captum_ig", "captum_gxa")
 #: The methods that work on SAE features (methods.keys("sae") without the costly ablation reference).
-PAPER_SAE_METHODS = ("miclip", "miclip_cosine", "random", "act_values", "clip_dissect")
+PAPER_SAE_METHODS = ("miclip", "miclip_cosine", "image_only", "random", "act_values", "clip_dissect")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class Profile:
     queries: tuple[str, ...]  # concepts the notebooks localize
     steer_class: str  # the class whose units the tour removes
     probe_data: Any = None  # images the panels browse (None: eval_data)
+    n_probe: int = 512  # how many of them
     n_train: int | None = None  # cap on alignment images (None: all)
     n_eval: int | None = None  # cap on evaluation images (None: all)
     pretrained: bool = True  # False: the models' random weights (smoke tests; nothing downloads)
@@ -73,6 +74,7 @@ class Profile:
     neuron_methods: tuple[str, ...] = PAPER_NEURON_METHODS  # table rows on neurons
     sae_methods: tuple[str, ...] = PAPER_SAE_METHODS  # table rows on SAE features
     table: dict = field(default_factory=dict)  # further pipeline.PipelineConfig fields of the tables
+    sweep_tables: int | None = None  # notebook 03: how many tables (first ones) get dose-response sweeps; None: all
     # notebook 04: failure diagnosis
     diagnosis_model: Any = None  # the model whose failures are traced
     diagnosis_layers: tuple[str, ...] = ()  # its layers, in order
@@ -134,17 +136,33 @@ def real_smoke(images: str | None = None, n: int = 24) -> Profile:
     folder = images or os.environ.get("MICLIP_IMAGENET_SAMPLE")
     if not folder:
         raise ValueError("real_smoke needs a folder of photos: pass images= or set $MICLIP_IMAGENET_SAMPLE")
+    import torch
+
+    from .datasets import open_dataset
+
     base = real()
+    photos = open_dataset(folder)
+    first = torch.utils.data.Subset(photos, range(min(n, len(photos))))  # the heatmaps', removal's and panel's images
     return base.replace(
         name="real-smoke", description="the paper's architectures with random weights on a few real photos (CPU smoke test)",
         clip_pretrained=None, pretrained=False, train_data=folder, eval_data=folder, n_train=n, n_eval=n,
+        # a few words rather than 1000 ImageNet names (each costs CLIP's text tower 7 prompts on a CPU),
+        # and a class whose photo is among the first n of imagenet-sample (class 0)
+        vocabulary=("tench", "fish", "dog", "bird", "red", "green", "stripes", "water", "grass", "snow"),
+        steer_class="tench", n_probe=n, grounding_data=first,
         sae_model="clip:ViT-B-16", sae_data=folder, n_sae_images=n // 2, n_code_images=n,
         sae=SAEConfig(expansion=1, k=8, epochs=1, batch_size=256),
         table_models={"timm:resnet50": "layer4.0", "timm:vit_base_patch16_224": "blocks.10",
                       "clip:ViT-B-16": "visual.transformer.resblocks.10"},
-        neuron_methods=("miclip", "miclip_cosine", "random", "act_values", "clip_dissect", "captum_gxa"),
-        table=dict(seeds=(0,), n_random=2, n_probe=n, n_captum=4, captum_steps=2, n_other=0, batch_size=8,
+        neuron_methods=("miclip", "miclip_cosine", "image_only", "random", "act_values", "clip_dissect", "captum_gxa"),
+        # the tables' cost is (classes x (1 + n_other) images) x methods x seeds x 6 tables through the
+        # tail of ResNet-50 / ViT-B/16 on a CPU: half the images, one other-class image each
+        table=dict(seeds=(0,), n_random=2, n_probe=n, n_captum=4, captum_steps=2, n_eval=n // 2, n_other=1, batch_size=8,
                    align=AlignConfig(epochs=2, batch_size=8)),
+        # the sweeps re-run every method at 3 more doses with 3 matched-norm controls each: the first
+        # table's (ResNet-50's neurons) checks the path; CLIP's classifier does not split, so its
+        # edits are full forwards
+        sweep_tables=1,
         diagnosis_model="clip:ViT-B-16", failure_data=folder, n_failures=n)
 
 

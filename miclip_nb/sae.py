@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
 from ._checkpoint import read_checkpoint, save_checkpoint
 from ._paths import cache_dir
 from ._progress import bars_off
@@ -266,8 +267,14 @@ def _iter_vectors(store: ActivationStore, field_name: str, n_prefix: int, includ
 # Training
 
 
-def _aux_loss(sae: TopKSAE, pre: torch.Tensor, residual_n: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-    """AuxK: the top ``aux_k`` dead latents reconstruct the (normalised, detached) residual."""
+def _aux_loss(sae: TopKSAE, pre: torch.Tensor, residual_n: torch.Tensor, dead: torch.Tensor,
+              n_batch: int | None = None) -> torch.Tensor:
+    """AuxK: the top ``aux_k`` dead latents reconstruct the (normalised, detached) residual.
+
+    n_batch: distributed, the whole batch's number of vectors when ``pre`` / ``residual_n`` are
+    this rank's share of it: the normaliser (the residual's spread about its mean) is then
+    all-reduced over the batch, and the result is this rank's share of the batch's loss (the
+    shares sum to the one-process loss)."""
     n_dead = int(dead.sum())
     k_aux = min(sae.aux_k, n_dead)
     if k_aux == 0:
@@ -276,8 +283,13 @@ def _aux_loss(sae: TopKSAE, pre: torch.Tensor, residual_n: torch.Tensor, dead: t
     values, index = torch.topk(masked, k_aux, dim=-1)
     aux_codes = torch.zeros_like(pre).scatter(-1, index, F.relu(values))
     aux_recon = F.linear(aux_codes, sae.W_dec)
-    denom = (residual_n - residual_n.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-    return (aux_recon.float() - residual_n).pow(2).sum(-1).mean() / denom
+    if n_batch is None:
+        denom = (residual_n - residual_n.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return (aux_recon.float() - residual_n).pow(2).sum(-1).mean() / denom
+    r = residual_n.float()
+    mean = _dist.all_reduce(r.sum(0)) / n_batch
+    denom = (_dist.all_reduce((r - mean).pow(2).sum()) / n_batch).clamp_min(1e-12)
+    return (aux_recon.float() - residual_n).pow(2).sum(-1).sum() / n_batch / denom
 
 
 def train_sae(
@@ -290,6 +302,7 @@ def train_sae(
     progress: bool = True,
     n_prefix: int | None = None,
     init: TopKSAE | None = None,
+    distributed: bool | None = None,
 ) -> tuple[TopKSAE, dict]:
     """Train a top-k SAE on one layer of a store, streaming one shard at a time.
 
@@ -303,15 +316,34 @@ def train_sae(
     distance to the held-out mean), ``explained_variance`` (1 - total variance of the residual /
     total variance), ``l0`` (mean non-zero codes per vector), ``dead_fraction`` (latents that never
     fire on held-out vectors), ``dead_fraction_train`` (silent for ``dead_steps`` at the end),
-    ``history``. Same seed -> same SAE on CPU. Raises ValueError for an unknown layer, NaN/inf
-    activations, constant data or k > n_latents.
+    ``history``. Same seed -> same SAE on CPU.
+
+    distributed: None (default) trains data-parallel when a ``torch.distributed`` process group
+    with more than one rank is initialised (:mod:`miclip_nb.distributed`), True demands one, False
+    never. Every rank calls train_sae with the same arguments and draws the one-process run's
+    batches (same shard order and permutations; each rank reads every training shard); rank r
+    computes on the contiguous vectors ``distributed.split(B, r, W)`` of each batch of B vectors,
+    its loss being its share of the batch's loss (its squared errors over B; the AuxK normaliser
+    all-reduced over the batch), and the gradients are summed over ranks (one all-reduce per
+    step, which also sums the fired-latent counts, so the dead-latent counters see the whole
+    batch) before the parallel-component removal, clipping and the step. The mean and variance
+    (``b_pre``, the input scale) and the held-out metrics are all-reduced sums over each rank's
+    share of the shards. Every rank returns the same SAE, equal to a one-process run with the
+    same ``batch_size`` up to float summation order (under 1e-7 apart after 2 epochs on CPU in
+    tests/test_distributed.py, which checks ``atol=1e-5``). The default
+    device is then ``cuda:<LOCAL_RANK>`` when CUDA is available.
+    Raises ValueError for an unknown layer, NaN/inf activations, constant data or k > n_latents;
+    RuntimeError for ``distributed=True`` without a process group.
     """
     layer = layer or store.layers[0]
     field_name = acts_field(layer)
     if field_name not in store.fields:
         raise ValueError(f"store has no layer {layer!r}; layers: {list(store.layers)}")
     d_in, n_prefix = _layer_geometry(store, field_name, n_prefix)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist_on = _dist.enabled(distributed)
+    rank, world = _dist.rank_and_world() if dist_on else (0, 1)
+    progress = progress and rank == 0
+    device = torch.device(device or (_dist.default_device() if dist_on else "cuda" if torch.cuda.is_available() else "cpu"))
     amp = device.type == "cuda"
     sae = TopKSAE(d_in, config)  # raises for k > n_latents before any pass over the data
 
@@ -319,16 +351,27 @@ def train_sae(
         return _iter_vectors(store, field_name, n_prefix, config.include_prefix, config.val_fraction, seed, held_out, order)
 
     # Pass 1: mean and total variance of the training vectors (float64 sums, one shard at a time).
+    # Distributed, each rank sums its share of the shards and the sums are all-reduced.
+    my_shards = list(range(rank, len(store.meta["shards"]), world)) if dist_on else None
     total = torch.zeros(d_in, dtype=torch.float64)
     total_sq = torch.zeros((), dtype=torch.float64)
-    count = 0
-    for x in train_vectors():  # also verifies every shard's sha256, once
+    count, finite = 0, True
+    for x in train_vectors(my_shards):  # also verifies every shard's sha256, once
         x = x.double()
         if not torch.isfinite(x).all():
-            raise ValueError(f"activations of {layer!r} in {store.dir} contain NaN or inf")
+            if not dist_on:
+                raise ValueError(f"activations of {layer!r} in {store.dir} contain NaN or inf")
+            finite = False
+            break
         total += x.sum(0)
         total_sq += x.pow(2).sum()
         count += x.shape[0]
+    if dist_on:
+        packed = _dist.all_reduce(torch.cat([total, total_sq.reshape(1),
+                                             torch.tensor([count, 0 if finite else 1], dtype=torch.float64)]))
+        total, total_sq, count = packed[:d_in], packed[d_in], int(packed[d_in + 1])
+        if packed[d_in + 2] > 0:
+            raise ValueError(f"activations of {layer!r} in {store.dir} contain NaN or inf")
     if count == 0:
         raise ValueError("no training vectors (the store is too small for val_fraction)")
     mean = total / count
@@ -350,6 +393,8 @@ def train_sae(
             sae.b_pre.copy_(mean.float())
             sae.input_scale.fill_(float((total_var / d_in).sqrt()))
     sae.to(device).train()
+    if dist_on:  # the same seed gives every rank the same start; rank 0's is made everyone's
+        _dist.broadcast_module_(sae)
     opt = torch.optim.Adam(sae.parameters(), lr=config.lr, eps=6.25e-10)
     steps_since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
     total_var_f = float(total_var)
@@ -363,27 +408,41 @@ def train_sae(
         for x_shard in train_vectors(order):
             perm = torch.randperm(x_shard.shape[0], generator=gen)
             for start in range(0, x_shard.shape[0], config.batch_size):
-                x = x_shard[perm[start : start + config.batch_size]].to(device, non_blocking=True).float()
+                index = perm[start : start + config.batch_size]
+                n_batch = index.numel()  # the whole batch; distributed, this rank computes on its share
+                if dist_on:
+                    lo, hi = _dist.split(n_batch, rank, world)
+                    index = index[lo:hi]
+                x = x_shard[index].to(device, non_blocking=True).float()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     pre = sae.pre_activations(x)
                     codes = sae._topk(pre)
                     recon = sae.decode(codes)
                 recon = recon.float()
-                nmse = (recon - x).pow(2).sum(-1).mean() / total_var_f
+                if dist_on:  # this rank's share of the batch mean
+                    nmse = (recon - x).pow(2).sum(-1).sum() / n_batch / total_var_f
+                else:
+                    nmse = (recon - x).pow(2).sum(-1).mean() / total_var_f
                 dead = steps_since_fired >= config.dead_steps
                 aux = torch.zeros((), device=device)
                 if config.aux_coef > 0 and bool(dead.any()):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        aux = _aux_loss(sae, pre, (x - recon).detach() / sae.input_scale, dead)
+                        aux = _aux_loss(sae, pre, (x - recon).detach() / sae.input_scale, dead,
+                                        n_batch if dist_on else None)
                     aux = aux.float().nan_to_num(0.0)
                 loss = nmse + config.aux_coef * aux
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if dist_on:  # one all-reduce: the gradients, the fired latents and the loss shares
+                    fired_any = (codes > 0).any(0).float()
+                    extra = _dist.reduce_gradients_(list(sae.parameters()), "sum", torch.cat(
+                        [fired_any, nmse.detach().float().reshape(1), aux.detach().float().reshape(1)]))
+                    fired_all, nmse, aux = extra[:-2] > 0, extra[-2], extra[-1]
                 sae.remove_parallel_grad_()
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), config.max_grad_norm)
                 opt.step()
                 sae.normalize_decoder_()
-                fired = (codes > 0).any(0)
+                fired = fired_all if dist_on else (codes > 0).any(0)
                 steps_since_fired = torch.where(fired, torch.zeros_like(steps_since_fired), steps_since_fired + 1)
                 sum_nmse += float(nmse.detach())
                 sum_aux += float(aux.detach())
@@ -397,7 +456,10 @@ def train_sae(
     bar.close()
 
     sae.eval()
-    metrics = evaluate_sae(sae, train_vectors(held_out=True), device=device)
+    if dist_on:
+        metrics = _eval_metrics(_all_reduce_sums(_eval_sums(sae, train_vectors(my_shards, held_out=True), device)))
+    else:
+        metrics = evaluate_sae(sae, train_vectors(held_out=True), device=device)
     metrics["dead_fraction_train"] = history["dead_fraction_train"][-1]
     metrics["n_train_vectors"] = count
     metrics["history"] = history
@@ -423,6 +485,12 @@ def evaluate_sae(sae: TopKSAE, batches, device: str | torch.device | None = None
     Returns ``nmse``, ``explained_variance``, ``l0``, ``dead_fraction`` (latents that never fire),
     ``n_vectors``. Raises ValueError when there are no vectors.
     """
+    return _eval_metrics(_eval_sums(sae, batches, device, chunk))
+
+
+@torch.no_grad()
+def _eval_sums(sae: TopKSAE, batches, device: str | torch.device | None = None, chunk: int = 8192) -> dict:
+    """The sums behind :func:`evaluate_sae`'s metrics over ``batches`` (n may be 0)."""
     device = torch.device(device or next(sae.parameters()).device)
     sae = sae.to(device)
     n, sse, l0 = 0, 0.0, 0.0
@@ -446,6 +514,25 @@ def evaluate_sae(sae: TopKSAE, batches, device: str | torch.device | None = None
             l0 += float(nz.sum())
             fired |= nz.any(0)
             n += x.shape[0]
+    return {"n": n, "sse": sse, "l0": l0, "sum_x": sum_x, "sum_x2": sum_x2, "sum_r": sum_r, "sum_r2": sum_r2,
+            "fired": fired}
+
+
+def _all_reduce_sums(sums: dict) -> dict:
+    """:func:`_eval_sums` summed over every rank (one all-reduce, float64)."""
+    d = sums["sum_x"].numel()
+    packed = _dist.all_reduce(torch.cat([torch.tensor([sums["n"], sums["sse"], sums["l0"]], dtype=torch.float64),
+                                         sums["sum_x"], sums["sum_x2"], sums["sum_r"], sums["sum_r2"],
+                                         sums["fired"].double()]))
+    parts = packed[3:].split([d, d, d, d, sums["fired"].numel()])
+    return {"n": int(packed[0]), "sse": float(packed[1]), "l0": float(packed[2]), "sum_x": parts[0], "sum_x2": parts[1],
+            "sum_r": parts[2], "sum_r2": parts[3], "fired": parts[4] > 0}
+
+
+def _eval_metrics(sums: dict) -> dict:
+    """:func:`evaluate_sae`'s metrics from :func:`_eval_sums`. Raises ValueError when n is 0."""
+    n, sse, l0, fired = sums["n"], sums["sse"], sums["l0"], sums["fired"]
+    sum_x, sum_x2, sum_r, sum_r2 = sums["sum_x"], sums["sum_x2"], sums["sum_r"], sums["sum_r2"]
     if n == 0:
         raise ValueError("no vectors to evaluate on")
     var_x = (sum_x2 / n - (sum_x / n).pow(2)).sum()
@@ -486,10 +573,12 @@ def fit_sae(
     n_prefix: int | None = None,
     cache: bool = True,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> tuple[TopKSAE, dict]:
     """:func:`train_sae`, or its cached result: the cache key (``cache_dir()/saes/<hash>``)
     hashes the store key, layer, config, seed and n_prefix, so any change retrains.
-    Returns (SAE, metrics without the per-epoch history when loaded from the cache)."""
+    distributed: as train_sae's (data-parallel under a process group; rank 0 writes the cache, the
+    others wait for it). Returns (SAE, metrics without the per-epoch history when loaded from the cache)."""
     layer = layer or store.layers[0]
     key_src = json.dumps({"store": store.spec.key, "layer": layer, "config": asdict(config), "seed": seed,
                           "n_prefix": n_prefix, "schema": SAE_SCHEMA_VERSION}, sort_keys=True)
@@ -497,9 +586,13 @@ def fit_sae(
     if cache and path.with_suffix(".json").is_file():
         sae = load_sae(path, model=store.spec.model, layer=layer)
         return sae, dict(sae.meta.get("metrics", {}))
-    sae, metrics = train_sae(store, layer, config, seed=seed, device=device, progress=progress, n_prefix=n_prefix)
-    if cache:
+    sae, metrics = train_sae(store, layer, config, seed=seed, device=device, progress=progress, n_prefix=n_prefix,
+                             distributed=distributed)
+    dist_on = _dist.enabled(distributed)
+    if cache and (not dist_on or _dist.rank_and_world()[0] == 0):
         save_sae(sae, path)
+    if dist_on:
+        _dist.barrier()
     return sae, metrics
 
 

@@ -181,10 +181,13 @@ def _legacy_deltas(model: nn.Module, images: torch.Tensor, labels, layer: str, s
                    betas: Sequence[float], *, split: str, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                    **kwargs) -> list[pd.DataFrame]:
     """The class_deltas frame for each beta, from one pass of :mod:`miclip_nb.intervention`."""
-    from .intervention import _Images, _per_class
+    from .intervention import _Images, _per_class, describe_classes
 
     check_on_bad(kwargs["on_bad"])
     data = _Images(images, labels, None)
+    if selection and not set(map(int, selection)) & set(data.labels.tolist()):
+        raise ValueError(f"none of the selected classes {describe_classes(sorted(map(int, selection)))} has an image "
+                         "among these images")
     acts, base = cache if cache is not None else (None, None)
     if acts is not None and acts.shape[0] != data.n:
         raise ValueError(f"the cache holds {acts.shape[0]} images for {data.n} labels")

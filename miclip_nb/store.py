@@ -30,6 +30,13 @@ transform=t)`` captures them from the model; :func:`derive_store` computes them 
 raw outputs (``pooling="none"``) shard by shard, without the model. Either way the field is
 ``acts/<layer>`` and the spec's ``unit_transform`` (``t.fingerprint``) tells the stores apart; both
 routes give the same spec, so the same folder.
+
+Under ``torch.distributed`` (``torchrun``; :mod:`miclip_nb.distributed`), :func:`build_store` run by
+every rank splits the items into contiguous, shard-aligned blocks (:func:`rank_block`): rank r
+writes ``shard_r<r>_<i>.safetensors`` and its own ``metadata.r<r>.json`` (resumed per rank), and
+rank 0 merges the parts in rank order into ``metadata.json``. The folder and key are those of a
+one-process build, and so are the rows, their order and (with nothing skipped) the shard
+boundaries: readers cannot tell the two apart, and need not.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
 from ._paths import cache_dir, sha256_file
 from .capture import POOLINGS, forward_checked, hooked_activations, num_prefix_tokens, pool, resolve_layer
 from .datasets import (DataFormatError, ImageDataset, UnreadableImageError, as_dataset, model_inputs,
@@ -419,10 +427,19 @@ class StoreWriter:
     sha256) in ``metadata.json``; a crash loses at most the rows of the shard being filled.
     """
 
-    def __init__(self, store_dir: Path, spec: StoreSpec, shard_size: int):
+    def __init__(self, store_dir: Path, spec: StoreSpec, shard_size: int, *, meta_name: str = METADATA,
+                 shard_prefix: str = "shard_", n_expected: int | None = None):
+        """store_dir: the store folder (created); spec: its StoreSpec; shard_size: rows per shard.
+        meta_name / shard_prefix / n_expected: the metadata file, the shard file names and the
+        number of images (written + skipped) that make it complete: by default the store's own
+        ``metadata.json``, ``shard_<i>.safetensors`` and ``spec.n_items``; one rank's part of a
+        distributed build writes ``metadata.r<r>.json``, ``shard_r<r>_<i>.safetensors`` and its
+        block's size. An existing metadata file is continued."""
         self.dir, self.spec, self.shard_size = Path(store_dir), spec, shard_size
+        self.meta_name, self.shard_prefix = meta_name, shard_prefix
+        self.n_expected = spec.n_items if n_expected is None else n_expected
         self.dir.mkdir(parents=True, exist_ok=True)
-        meta_path = self.dir / METADATA
+        meta_path = self.dir / meta_name
         if meta_path.is_file():
             self.meta = json.loads(meta_path.read_text())
         else:
@@ -455,7 +472,7 @@ class StoreWriter:
         data = {k: torch.cat(v) for k, v in self._buffer.items()}
         shard = {k: v[:n].contiguous() for k, v in data.items()}
         rest = {k: [v[n:]] for k, v in data.items() if v.shape[0] > n}
-        name = f"shard_{len(self.meta['shards']):05d}.safetensors"
+        name = f"{self.shard_prefix}{len(self.meta['shards']):05d}.safetensors"
         tmp = self.dir / (name + ".tmp")
         save_file(shard, str(tmp))
         os.replace(tmp, self.dir / name)
@@ -463,7 +480,7 @@ class StoreWriter:
         if not self.meta["fields"]:
             self.meta["fields"] = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in shard.items()}
         self.meta["shards"].append({"file": name, "n": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-        _write_json_atomic(self.dir / METADATA, self.meta)
+        _write_json_atomic(self.dir / self.meta_name, self.meta)
         self._buffer = rest
         self._buffered -= n
 
@@ -478,15 +495,17 @@ class StoreWriter:
         if exc_type is None:
             if self._buffered:
                 self._flush(self._buffered)
-            self.meta["complete"] = self.n_rows + len(self.meta.get("skipped", [])) == self.spec.n_items
-            _write_json_atomic(self.dir / METADATA, self.meta)
+            self.meta["complete"] = self.n_rows + len(self.meta.get("skipped", [])) == self.n_expected
+            _write_json_atomic(self.dir / self.meta_name, self.meta)
         # On an error the partial shard in memory is dropped; complete shards stay for resuming.
 
 
-def _truncate_to_valid(store_dir: Path) -> int:
+def _truncate_to_valid(store_dir: Path, meta_name: str = METADATA, first: int = 0) -> int:
     """Drop shards that are missing or corrupt (and all after them), and the skipped images
-    recorded after the last kept row; return the dataset index to resume from."""
-    meta_path = store_dir / METADATA
+    recorded after the last kept row; return the dataset index to resume from. ``meta_name`` /
+    ``first``: the metadata file and the dataset index of its first item (one rank's part of a
+    distributed build)."""
+    meta_path = store_dir / meta_name
     meta = json.loads(meta_path.read_text())
     kept = []
     for shard in meta["shards"]:
@@ -498,7 +517,8 @@ def _truncate_to_valid(store_dir: Path) -> int:
     for shard in meta["shards"][len(kept):]:
         (store_dir / shard["file"]).unlink(missing_ok=True)
     rows, skipped = sum(s["n"] for s in kept), meta.get("skipped", [])
-    start = int(_dataset_indices(torch.tensor([rows - 1]), [s["index"] for s in skipped])) + 1 if rows else 0
+    start = first + int(_dataset_indices(torch.tensor([rows - 1]), [s["index"] - first for s in skipped])) + 1 \
+        if rows else first
     before = [s for s in skipped if s["index"] < start]
     if len(kept) != len(meta["shards"]) or len(before) != len(skipped):
         meta["shards"], meta["complete"] = kept, False
@@ -691,6 +711,7 @@ def build_store(
     progress: bool = True,
     on_error: str = "raise",
     transform=None,
+    distributed: bool | None = None,
 ) -> ActivationStore:
     """Capture ``layers`` of ``target`` over ``dataset`` into a store, or reuse/resume an existing one.
 
@@ -712,6 +733,19 @@ def build_store(
     deleting the unreadable files does not recapture it. on_error is not part of the store's key
     (a store that skipped nothing is the same either way); ``"raise"`` refuses one that skipped.
     Stores land in ``root`` (default ``cache_dir()/stores``)/<spec key>. Returns the complete store.
+    distributed: None (default) runs distributed when a ``torch.distributed`` process group with
+    more than one rank is initialised (torchrun; :mod:`miclip_nb.distributed`), True demands one,
+    False never. Distributed, every rank calls build_store with the same arguments: rank r of W
+    captures the contiguous, shard-aligned block :func:`rank_block` of the items into its own
+    shards ``shard_r<r>_<i>.safetensors`` and ``metadata.r<r>.json`` (on ``cuda:<LOCAL_RANK>`` by
+    default), and rank 0 merges the parts, in rank order, into ``metadata.json`` after a barrier.
+    The key does not depend on W; the rows, their order and values are a one-process build's (the
+    same batches of ``batch_size`` when ``shard_size`` is a multiple of it, as by default; the same
+    shard boundaries unless images are skipped). An interrupted distributed build resumes per rank
+    (from each part's last valid shard, with the same W; another W recaptures the blocks that
+    moved); a complete store is reused whoever built it (its shards verified by all ranks, each
+    its share). A rank that raises (e.g. an unreadable image with ``on_error="raise"``) ends
+    its process: the launcher (torchrun) then stops the others.
     Raises LayerNotFoundError before any work for an unknown layer; DataFormatError (a ValueError)
     for data that are not images, or preprocessed tensors with a CLIP backend; TypeError for a
     bad transform (and what its ``check_source`` raises); UnreadableImageError with
@@ -720,6 +754,8 @@ def build_store(
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    distributed = _dist.enabled(distributed)
+    progress = progress and _dist.rank_and_world()[0] == 0
     if layers is None:
         if target.default_layer is None:
             raise ValueError("name the layers to capture (this model has no default layer)")
@@ -736,6 +772,10 @@ def build_store(
     if transform is not None:
         _transform_source(transform, spec.model, layers)
     store_dir = (Path(root) if root is not None else cache_dir() / "stores") / spec.key
+    if distributed:
+        return _build_distributed(target, dataset, spec, store_dir, layers, pooling, clip, transform,
+                                  batch_size=batch_size, shard_size=shard_size, num_workers=num_workers, device=device,
+                                  dtype=dtype, progress=progress, on_error=on_error)
     existing = _open_existing(store_dir, spec)
     if existing is not None:
         if on_error == "raise" and existing.skipped:
@@ -747,25 +787,50 @@ def build_store(
             return existing
     start = _truncate_to_valid(store_dir) if (store_dir / METADATA).is_file() else 0
 
-    device = _resolve_device(device)
-    module, _ = module_on_device(target.module, device)
-    n_prefix = num_prefix_tokens(module)
-    loader = torch.utils.data.DataLoader(
-        _Items(dataset, target.preprocess, None if clip is None else clip.preprocess, start, spec.n_items,
-               skip=on_error == "skip"),
-        batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
-    )
-    files = dataset.files
-    hook_pooling = pooling if transform is None else "none"
-    with StoreWriter(store_dir, spec, shard_size) as writer, _eval_mode(module) as model, \
-            hooked_activations(model, layers, hook_pooling) as captured, torch.no_grad():
+    with StoreWriter(store_dir, spec, shard_size) as writer:
         writer.meta["on_error"] = on_error
         writer.meta.setdefault("skipped", [])
-        bar = tqdm(loader, desc=f"capture {','.join(layers)}", initial=start // batch_size,
-                   total=(spec.n_items + batch_size - 1) // batch_size, disable=bars_off(progress))
+        _capture_rows(writer, target, dataset, spec, layers, pooling, clip, transform, start, spec.n_items,
+                      batch_size=batch_size, grid=False, num_workers=num_workers, device=_resolve_device(device),
+                      dtype=dtype, progress=progress, on_error=on_error, stacklevel=3)
+        if writer.n_rows == 0:
+            raise UnreadableImageError(f"none of the {spec.n_items} images of the dataset could be read")
+    store = ActivationStore(store_dir)
+    _register_without_skipped(store, dataset)
+    return store
+
+
+def _grid_batches(start: int, stop: int, batch_size: int) -> list[list[int]]:
+    """Batches of positions ``0..stop-start-1`` (items ``start..stop-1``) cut where the dataset's
+    global batch grid (multiples of ``batch_size``) cuts: a rank's block gets the batches a
+    one-process build forms, but for the one straddling its block's edges."""
+    edges = [start, *range((start // batch_size + 1) * batch_size, stop, batch_size), stop]
+    return [list(range(a - start, b - start)) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def _capture_rows(writer: "StoreWriter", target, dataset, spec: StoreSpec, layers: Sequence[str], pooling: str, clip,
+                  transform, start: int, stop: int, *, batch_size: int, grid: bool, num_workers: int,
+                  device: torch.device, dtype: torch.dtype, progress: bool, on_error: str, stacklevel: int) -> None:
+    """Capture dataset items ``start..stop-1`` into ``writer`` (see :func:`build_store`); ``grid``:
+    batches cut on the global grid of ``batch_size`` (:func:`_grid_batches`) rather than from ``start``."""
+    module, _ = module_on_device(target.module, device)
+    n_prefix = num_prefix_tokens(module)
+    items = _Items(dataset, target.preprocess, None if clip is None else clip.preprocess, start, stop,
+                   skip=on_error == "skip")
+    batching = dict(batch_sampler=_grid_batches(start, stop, batch_size)) if grid else dict(batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(items, num_workers=num_workers, collate_fn=_collate,
+                                         pin_memory=device.type == "cuda", **batching)
+    files = dataset.files
+    hook_pooling = pooling if transform is None else "none"
+    with _eval_mode(module) as model, hooked_activations(model, layers, hook_pooling) as captured, torch.no_grad():
+        if grid:
+            first, total = 0, len(loader)
+        else:
+            first, total = start // batch_size, (spec.n_items + batch_size - 1) // batch_size
+        bar = tqdm(loader, desc=f"capture {','.join(layers)}", initial=first, total=total, disable=bars_off(progress))
         for batch, unreadable in bar:
             for index, message in unreadable:
-                warnings.warn(f"{message}; left out of the store (on_error='skip')", stacklevel=2)
+                warnings.warn(f"{message}; left out of the store (on_error='skip')", stacklevel=stacklevel)
                 writer.skip(index, None if files is None else str(files[index]))
             if batch is None:
                 continue
@@ -781,11 +846,169 @@ def build_store(
             if clip is not None:
                 rows["clip_image"] = clip.encode_images(x_clip).to(dtype)
             writer.append(rows)
-        if writer.n_rows == 0:
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed capture (torch.distributed; see miclip_nb.distributed)
+
+#: One rank's part of a distributed build: its metadata file and its shards' name prefix.
+PART_METADATA = "metadata.r{rank}.json"
+PART_SHARD_PREFIX = "shard_r{rank}_"
+_PART_RE = re.compile(r"metadata\.r(\d+)\.json")
+
+
+def rank_block(n_items: int, shard_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The dataset items ``[lo, hi)`` that ``rank`` of ``world_size`` captures in a distributed
+    build: a contiguous run of whole shard slots (slots ``[S*r//W, S*(r+1)//W)`` of the
+    ``S = ceil(n_items / shard_size)`` slots of ``shard_size`` items), so the store's shard
+    boundaries are a one-process build's (with nothing skipped). A rank gets an empty block when
+    there are fewer slots than ranks."""
+    slots = -(-n_items // shard_size)
+    a, b = _dist.split(slots, rank, world_size)
+    return min(a * shard_size, n_items), min(b * shard_size, n_items)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _resume_part(store_dir: Path, spec: StoreSpec, rank: int, lo: int, hi: int, shard_size: int) -> int:
+    """Where this rank's part resumes: after its last valid shard when its metadata file is for
+    the same spec, block and shard size; else its block's start, after deleting its old files."""
+    path = store_dir / PART_METADATA.format(rank=rank)
+    if not path.is_file():
+        return lo
+    meta = _read_json(path)
+    if (meta is not None and meta.get("key") == spec.key and meta.get("block") == [lo, hi]
+            and meta.get("shard_size") == shard_size and isinstance(meta.get("shards"), list)):
+        return _truncate_to_valid(store_dir, path.name, lo)
+    for old in store_dir.glob(PART_SHARD_PREFIX.format(rank=rank) + "*"):
+        old.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    return lo
+
+
+def _merge_parts(store_dir: Path, spec: StoreSpec, world_size: int, shard_size: int, on_error: str) -> dict:
+    """Write the store's ``metadata.json`` from the ranks' complete parts (shards in rank order,
+    so rows in dataset order), drop parts of ranks beyond ``world_size`` and shard files no longer
+    listed; return the merged metadata. Raises StoreError for a missing, incomplete or
+    inconsistent part."""
+    shards, skipped, fields = [], [], {}
+    for rank in range(world_size):
+        part = _read_json(store_dir / PART_METADATA.format(rank=rank))
+        if part is None or part.get("key") != spec.key or not part.get("complete"):
+            raise StoreError(f"store {store_dir}: rank {rank}'s part is missing or incomplete; run the build again")
+        if part["fields"] and fields and part["fields"] != fields:
+            raise StoreError(f"store {store_dir}: rank {rank} wrote fields {part['fields']}, lower ranks {fields}")
+        fields = fields or part["fields"]
+        shards += part["shards"]
+        skipped += part.get("skipped", [])
+    meta = {"schema": SCHEMA_VERSION, "key": spec.key, "spec": asdict(spec), "shard_size": shard_size, "fields": fields,
+            "shards": shards, "complete": sum(s["n"] for s in shards) + len(skipped) == spec.n_items,
+            "on_error": on_error, "skipped": sorted(skipped, key=lambda s: s["index"]), "world_size": world_size}
+    _write_json_atomic(store_dir / METADATA, meta)
+    for path in store_dir.iterdir():
+        match = _PART_RE.fullmatch(path.name)
+        if match and int(match.group(1)) >= world_size:
+            path.unlink(missing_ok=True)
+    listed = {s["file"] for s in shards}
+    for path in store_dir.glob("shard_*.safetensors*"):
+        if path.name not in listed:
+            path.unlink(missing_ok=True)
+    return meta
+
+
+def _drop_merged(store_dir: Path, meta: dict) -> None:
+    """Delete a store's ``metadata.json`` and the shards it lists that no rank's part owns (a
+    one-process build's), so that the ranks' parts rebuild it."""
+    for shard in meta.get("shards", []):
+        if not re.match(r"shard_r\d+_", shard["file"]):
+            (store_dir / shard["file"]).unlink(missing_ok=True)
+    (store_dir / METADATA).unlink(missing_ok=True)
+
+
+def _collective(fn, *args):
+    """``fn(*args)`` on rank 0, its result (or the exception it raised) on every rank."""
+    outcome = None
+    if _dist.rank_and_world()[0] == 0:
+        try:
+            outcome = ("ok", fn(*args))
+        except Exception as err:  # noqa: BLE001 - handed to every rank, then raised there
+            outcome = ("error", err)
+    status, value = _dist.broadcast_object(outcome)
+    if status == "error":
+        raise value
+    return value
+
+
+def _build_distributed(target, dataset, spec: StoreSpec, store_dir: Path, layers: Sequence[str], pooling: str, clip,
+                       transform, *, batch_size: int, shard_size: int, num_workers: int, device, dtype: torch.dtype,
+                       progress: bool, on_error: str) -> "ActivationStore":
+    """build_store's distributed route (see :func:`build_store`, ``distributed``)."""
+    rank, world = _dist.rank_and_world()
+
+    def inspect() -> str:  # rank 0: "none", "complete" (shards still to verify) or "build"
+        existing = _open_existing(store_dir, spec)
+        if existing is None:
+            return "none"
+        if on_error == "raise" and existing.skipped:
+            files = [s["file"] or f"item {s['index']}" for s in existing.skipped]
+            raise UnreadableImageError(f"cannot read image(s) {files}: store {store_dir} was built with "
+                                       "on_error='skip' and leaves them out; pass on_error='skip' to use it")
+        if existing.complete:
+            return "complete"
+        _drop_merged(store_dir, existing.meta)
+        return "build"
+
+    state = _collective(inspect)
+    if state == "complete":  # every rank checks the sha256 of its share of the shards
+        existing = ActivationStore(store_dir)
+        problem = None
+        try:
+            for i in range(rank, len(existing.meta["shards"]), world):
+                _check_shard(store_dir, existing.meta["shards"][i])
+        except StoreError as err:
+            problem = str(err)
+        problems = [p for p in _dist.all_gather_objects(problem) if p]
+
+        def reuse_or_drop() -> bool:
+            if problems:
+                warnings.warn(f"{problems[0]}; rewriting it", stacklevel=5)
+                _drop_merged(store_dir, existing.meta)
+                return False
+            _register_without_skipped(existing, dataset)
+            return True
+
+        if _collective(reuse_or_drop):
+            return ActivationStore(store_dir)
+
+    lo, hi = rank_block(spec.n_items, shard_size, rank, world)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    start = _resume_part(store_dir, spec, rank, lo, hi, shard_size)
+    writer = StoreWriter(store_dir, spec, shard_size, meta_name=PART_METADATA.format(rank=rank),
+                         shard_prefix=PART_SHARD_PREFIX.format(rank=rank), n_expected=hi - lo)
+    writer.meta.update({"block": [lo, hi], "rank": rank, "world_size": world, "on_error": on_error})
+    writer.meta.setdefault("skipped", [])
+    with writer:
+        if start < hi:
+            device = _resolve_device(device or _dist.default_device())
+            _capture_rows(writer, target, dataset, spec, layers, pooling, clip, transform, start, hi,
+                          batch_size=batch_size, grid=True, num_workers=num_workers, device=device, dtype=dtype,
+                          progress=progress, on_error=on_error, stacklevel=4)
+    _dist.barrier()
+
+    def merge() -> None:
+        meta = _merge_parts(store_dir, spec, world, shard_size, on_error)
+        if not meta["shards"]:
             raise UnreadableImageError(f"none of the {spec.n_items} images of the dataset could be read")
-    store = ActivationStore(store_dir)
-    _register_without_skipped(store, dataset)
-    return store
+        _register_without_skipped(ActivationStore(store_dir), dataset)
+
+    _collective(merge)
+    return ActivationStore(store_dir)
 
 
 def infer_n_prefix(n_tokens: int) -> int:
@@ -824,7 +1047,8 @@ def derive_store(
     per-location transform outputs. Raises StoreError for an incomplete or corrupt source,
     ValueError for a pooled or already transformed source, an unknown layer or pooling, TypeError
     for a bad transform, and what the transform raises on the source's per-row shape (checked on
-    one zero row before any work).
+    one zero row before any work). Under a ``torch.distributed`` process group of several ranks
+    (every rank calling it), rank 0 derives the store and every rank returns it.
     """
     fingerprint = _check_transform(transform)
     source._require_complete()
@@ -844,10 +1068,21 @@ def derive_store(
         n_prefix = infer_n_prefix(tokens[0][0]) if tokens else 0
     _transform_source(transform, source.spec.model, layers)
     device = _resolve_device(device)
-    for layer, shape in shapes.items():  # fail on the per-row shape before any work
+    for shape in shapes.values():  # fail on the per-row shape before any work
         transform(torch.zeros(1, *shape, device=device))
     spec = replace(source.spec, layers=tuple(layers), pooling=pooling, unit_transform=f"{fingerprint}|n_prefix={n_prefix}")
     store_dir = (Path(root) if root is not None else cache_dir() / "stores") / spec.key
+    if _dist.enabled(None):  # one writer: rank 0 derives, every rank gets its result (or its error)
+        return ActivationStore(_collective(lambda: str(_derive(
+            source, transform, spec, store_dir, layers, pooling, n_prefix, batch_size, shard_size, device,
+            progress).dir)))
+    return _derive(source, transform, spec, store_dir, layers, pooling, n_prefix, batch_size, shard_size, device, progress)
+
+
+def _derive(source: ActivationStore, transform, spec: StoreSpec, store_dir: Path, layers: Sequence[str], pooling: str,
+            n_prefix: int, batch_size: int, shard_size: int | None, device: torch.device,
+            progress: bool) -> ActivationStore:
+    """derive_store's work, once its arguments are checked (see :func:`derive_store`)."""
     existing = _open_existing(store_dir, spec)
     if existing is not None and _usable(existing):
         return existing

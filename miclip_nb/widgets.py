@@ -8,7 +8,7 @@ values, click buttons and read the outputs without a browser, and a notebook jus
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ipywidgets as W
 import numpy as np
@@ -35,6 +35,13 @@ class ExplorerState:
     unit_label: str = "unit"  # "neuron", "SAE feature", ... for titles
     encode_text: object = None  # optional callable str -> (D,); default backend.encode_texts
     temperature: float = DEFAULT_TEMPERATURE  # the encoder's concept temperature (interpret.concept_temperature)
+    # Causal scores (miclip_nb.causal), shown beside descriptions and localized units when all are given:
+    target: object = None  # the model (zoo.TargetModel or nn.Module) whose ``layer`` the units live in
+    probe_inputs: torch.Tensor | None = None  # (M, ...) preprocessed images the effects are measured on
+    probe_labels: torch.Tensor | None = None  # (M,) their classes (each class over its own images), or None (all)
+    class_names: list[str] | None = None  # the model's classes, to name effects and match concepts to classes
+    edit_factory: object = None  # units.UnitSpace.edit_factory for SAE features (None: neurons)
+    _effects: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.probe_acts_nu.ndim != 2:
@@ -45,29 +52,60 @@ class ExplorerState:
     def n_units(self) -> int:
         return int(self.unit_emb_ud.shape[0])
 
+    @property
+    def has_causal(self) -> bool:
+        """Whether the state holds what causal scores need (a target and probe inputs)."""
+        return self.target is not None and self.probe_inputs is not None
+
+    @property
+    def effects(self):
+        """causal.UnitEffects over the probe inputs, built on first use (one cached forward pass;
+        each unit's effects are computed when first asked for, then kept); None without
+        :attr:`has_causal`."""
+        if not self.has_causal:
+            return None
+        if self._effects is None:
+            from .causal import UnitEffects
+
+            self._effects = UnitEffects(self.target, self.layer, self.probe_inputs, labels=self.probe_labels,
+                                        edit_factory=self.edit_factory, n_units=self.n_units)
+        return self._effects
+
 
 def build_explorer(target, backend, unit_emb_ud, vocab, vocab_emb_cd, dataset, layer: str, n_probe: int = 512,
                    pooling: str = "mean", unit_label: str = "neuron", batch_size: int = 128,
-                   temperature: float = DEFAULT_TEMPERATURE) -> ExplorerState:
+                   temperature: float = DEFAULT_TEMPERATURE, n_causal: int = 128) -> ExplorerState:
     """Capture pooled activations of the first ``n_probe`` images of ``dataset`` (yielding PIL
     images) at ``layer`` and bundle everything the panels need.
 
     target: a zoo.TargetModel; unit_emb_ud: (U, D) neuron embeddings of ``layer`` of that model
     (interpret.unit_embeddings); vocab_emb_cd: (C, D); temperature: the encoder's
-    interpret.concept_temperature, for ranking by posterior. Raises ValueError when U is not the
-    layer's number of units, or when the embeddings' provenance names another model, layer or SAE
-    features (interpret.check_unit_embeddings).
+    interpret.concept_temperature, for ranking by posterior. n_causal: the first n probe images
+    (preprocessed, with their labels; unlabelled ones make every class's effect a mean over all of
+    them) are kept for the causal scores the panels show beside descriptions and localized units
+    (miclip_nb.causal; computed lazily); 0 keeps none (no causal scores). Raises ValueError when U
+    is not the layer's number of units, or when the embeddings' provenance names another model,
+    layer or SAE features (interpret.check_unit_embeddings).
     """
     check_unit_embeddings(unit_emb_ud, model=model_identity(target), layer=layer, unit_kind="neuron")  # before capturing
     n = min(n_probe, len(dataset))
-    pil = [dataset[i][0] for i in range(n)]
-    acts = []
+    items = [dataset[i] for i in range(n)]
+    pil = [item[0] for item in items]
+    acts, kept = [], []
     for start in range(0, n, batch_size):
         x = torch.stack([target.preprocess(img) for img in pil[start : start + batch_size]])
         acts.append(capture(target.module, x, layer, pooling)[layer])
+        if sum(len(k) for k in kept) < n_causal:
+            kept.append(x[: n_causal - sum(len(k) for k in kept)])
     images = np.stack([np.asarray(img.convert("RGB").resize((64, 64))) for img in pil])
+    inputs = torch.cat(kept) if kept else None
+    labels = None
+    if inputs is not None:
+        labels = torch.as_tensor([int(item[1]) for item in items[: len(inputs)]])
+        labels = None if bool((labels < 0).any()) else labels
     return ExplorerState(unit_emb_ud, backend, list(vocab), vocab_emb_cd, torch.cat(acts), images, layer, unit_label,
-                         temperature=temperature)
+                         temperature=temperature, target=target if inputs is not None else None, probe_inputs=inputs,
+                         probe_labels=labels, class_names=list(getattr(target, "class_names", []) or []) or None)
 
 
 def search_concept(state: ExplorerState, text: str, tau: int, scoring: str = "posterior") -> list[tuple[int, float]]:
@@ -110,8 +148,25 @@ def _units_grid_png(state: ExplorerState, units: list[int], k: int) -> bytes:
     return viz.figure_png(fig)
 
 
+def causal_columns(state: ExplorerState, unit: int, concept: str | None = None) -> tuple[float, str]:
+    """(causal score, class it is on) of ``unit`` for ``concept``: the drop of the concept's class
+    logit when the unit alone is removed if the concept names one of ``state.class_names``, else
+    the unit's largest class effect (causal.causal_score), over the state's probe inputs (computed
+    on first use, then cached). Raises ValueError when the state has no causal inputs."""
+    from .causal import causal_score
+
+    if not state.has_causal:
+        raise ValueError("this explorer has no model and probe inputs for causal scores (ExplorerState.target / probe_inputs)")
+    value, cls = causal_score(state.effects.of(int(unit)), (concept or "").strip() or None, state.class_names)
+    name = "" if cls is None else (state.class_names[cls] if state.class_names else str(cls))
+    return value, name
+
+
 def concept_search_panel(state: ExplorerState, tau: int = 5, k_images: int = 6) -> dict:
-    """Type a concept -> its top units with scores and each unit's top-activating images."""
+    """Type a concept -> its top units with scores and each unit's top-activating images; with a
+    state that has causal inputs (:attr:`ExplorerState.has_causal`), each unit's causal score too
+    (:func:`causal_columns`: its class's logit drop when the concept is a class name, else the
+    largest class effect, computed lazily and cached)."""
     concept = W.Text(value="", placeholder="a concept, e.g. red", description="concept")
     tau_slider = W.IntSlider(value=tau, min=1, max=min(20, state.n_units), description="top units")
     scoring = W.Dropdown(options=list(SCORINGS), value=SCORINGS[0], description="rank by")
@@ -127,7 +182,12 @@ def concept_search_panel(state: ExplorerState, tau: int = 5, k_images: int = 6) 
             status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
             return
         status.value = f"top {len(hits)} {state.unit_label}s at <code>{html.escape(state.layer)}</code> for “{html.escape(concept.value.strip())}”"
-        table.value = _table([(u, s) for u, s in hits], (state.unit_label, "log p among vocabulary" if scoring.value == "posterior" else "cosine"))
+        headers = (state.unit_label, "log p among vocabulary" if scoring.value == "posterior" else "cosine")
+        rows = [(u, s) for u, s in hits]
+        if state.has_causal:
+            rows = [row + causal_columns(state, row[0], concept.value) for row in rows]
+            headers += ("causal: logit drop if removed", "on class")
+        table.value = _table(rows, headers)
         images.value = _units_grid_png(state, [u for u, _ in hits], k_images)
 
     search.on_click(run)
@@ -140,11 +200,16 @@ def concept_search_panel(state: ExplorerState, tau: int = 5, k_images: int = 6) 
                                      "table": table, "images": images}}
 
 
-def unit_inspector_panel(state: ExplorerState, tau: int = 5, k_images: int = 8) -> dict:
-    """Pick a unit -> its top concepts with scores, top-activating images, activation histogram."""
+def unit_inspector_panel(state: ExplorerState, tau: int = 5, k_images: int = 8, n_effects: int = 3) -> dict:
+    """Pick a unit -> its top concepts with scores, top-activating images, activation histogram;
+    with a state that has causal inputs (:attr:`ExplorerState.has_causal`), beside the descriptions
+    the unit's ``n_effects`` largest effects on class logits (the drop when the unit alone is
+    removed, causal.UnitEffects; computed for the unit shown, then cached). A unit described
+    confidently whose effects are all ~0 is one the classifier does not read."""
     unit = W.BoundedIntText(value=0, min=0, max=state.n_units - 1, description=state.unit_label[:10])
     status = W.HTML()
     table = W.HTML()
+    effects = W.HTML()
     images = W.Image(format="png")
     hist = W.Image(format="png")
 
@@ -153,6 +218,11 @@ def unit_inspector_panel(state: ExplorerState, tau: int = 5, k_images: int = 8) 
         top = describe(state.unit_emb_ud, u, state.vocab_emb_cd, state.vocab, tau)
         status.value = f"{state.unit_label} {u} at <code>{html.escape(state.layer)}</code>"
         table.value = _table(top, ("concept", "cosine"))
+        if state.has_causal:
+            from .causal import top_effects
+
+            effects.value = _table(top_effects(state.effects.of(u), state.class_names, n_effects),
+                                   ("class", "logit drop if removed"))
         idx = top_activating(state, u, k_images)
         images.value = viz.figure_png(viz.image_grid(state.probe_images[idx], ncols=k_images, size=1.0,
                                                      suptitle=f"top-activating images of {state.unit_label} {u}"))
@@ -161,8 +231,9 @@ def unit_inspector_panel(state: ExplorerState, tau: int = 5, k_images: int = 8) 
 
     unit.observe(show, names="value")
     show()
-    box = W.VBox([unit, status, W.HBox([table, hist]), images])
-    return {"widget": box, "parts": {"unit": unit, "status": status, "table": table, "images": images, "histogram": hist}}
+    box = W.VBox([unit, status, W.HBox([table, effects, hist]), images])
+    return {"widget": box, "parts": {"unit": unit, "status": status, "table": table, "effects": effects, "images": images,
+                                     "histogram": hist}}
 
 
 def failure_panel(trajectories, images_uint8: np.ndarray | None, class_names) -> dict:

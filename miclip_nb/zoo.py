@@ -26,7 +26,8 @@ from torch import nn
 
 from . import plugins
 from .capture import layer_names
-from .embed import WeightsMismatchError, WeightsUnavailableError, build_concept_bank, load_clip, state_fingerprint
+from .embed import (WeightsMismatchError, WeightsUnavailableError, build_concept_bank, deterministic_init, load_clip,
+                    state_fingerprint)
 
 #: The layer each of the paper's models is probed at (Table 2). The paper's "10th layer" of the
 #: 12-block ViTs is read in HuggingFace's 0-based naming (``encoder.layer.10``), i.e. timm
@@ -567,6 +568,7 @@ def load_efficientnet_lite0() -> TargetModel:
     return TargetModel(module, _timm_transform(module), imagenet_class_names(), "efficientnet_lite0", "blocks.5")
 
 
+@deterministic_init
 def load_target(
     model: str | nn.Module,
     *,

@@ -124,7 +124,7 @@ _ = claim(f"each query comes back among its best unit's top-3 descriptions ({len
 # NBVAL_IGNORE_OUTPUT
 # (a live panel: its text form holds trained results)
 probe = datasets.open_dataset(P.probe_data or P.eval_data)
-state = widgets.build_explorer(prep.target, prep.backend, unit_emb, vocab, vocab_emb, probe, prep.layer, n_probe=512,
+state = widgets.build_explorer(prep.target, prep.backend, unit_emb, vocab, vocab_emb, probe, prep.layer, n_probe=P.n_probe,
                                temperature=temperature)
 search = widgets.concept_search_panel(state)
 search["parts"]["concept"].value = P.queries[0]

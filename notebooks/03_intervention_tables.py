@@ -150,7 +150,7 @@ _ = viz.intervention_panels(long, panel="setting")
 # picks units that matter because they are strong, not because they mean the class.
 
 # %%
-sweeps = {label: pipeline.beta_sweep_table(r, (0.0, 0.5, 1.0, 2.0, 3.0)) for label, r in results.items()}
+sweeps = {label: pipeline.beta_sweep_table(r, (0.0, 0.5, 1.0, 2.0, 3.0)) for label, r in list(results.items())[:P.sweep_tables]}
 _ = viz.beta_curve_panels(pd.concat([s[~s.method.str.endswith("(matched norm)")].assign(setting=label)
                                      for label, s in sweeps.items()], ignore_index=True), panel="setting")
 

@@ -295,6 +295,52 @@ def test_soft_wpmi_matches_the_formula():
     assert torch.allclose(bl.soft_wpmi(acts, img, txt, cfg), _reference_soft_wpmi(acts, img, txt, cfg), atol=1e-4)
 
 
+def test_soft_wpmi_in_blocks_equals_the_unblocked_scores_bit_for_bit():
+    """Blocks over units and concepts (any sizes, ragged last blocks) give exactly the scores of one
+    block holding everything, and the automatic blocks stay within the element budget."""
+    gen = torch.Generator().manual_seed(1)
+    acts, img, txt = torch.randn(60, 37, generator=gen), torch.randn(60, 8, generator=gen), torch.randn(23, 8, generator=gen)
+    cfg = bl.SoftWPMIConfig(top_k=9, lam=0.7)
+    probs = bl._concept_probs(img, txt, cfg.temperature)
+    top = torch.topk(acts, cfg.top_k, dim=0).indices
+    whole = bl._wpmi_from_topk(top, probs, cfg, unit_chunk=37, concept_chunk=23)
+    for units, concepts in ((1, 1), (5, 7), (16, 23), (37, 4)):
+        assert torch.equal(bl._wpmi_from_topk(top, probs, cfg, unit_chunk=units, concept_chunk=concepts), whole)
+    assert torch.equal(bl._wpmi_from_topk(top, probs, cfg, max_elements=9 * 5 * 3), whole)
+    assert torch.equal(bl.soft_wpmi(acts, img, txt, cfg), whole)
+    assert torch.allclose(whole, _reference_soft_wpmi(acts, img, txt, cfg), atol=1e-4)
+    # The budget: 20,000 concepts x 2048 units at top_k=100 gather at most WPMI_CHUNK_ELEMENTS at a time.
+    units, concepts = bl.wpmi_chunk_sizes(100, 2048, 20_000)
+    assert 100 * units * concepts <= bl.WPMI_CHUNK_ELEMENTS and concepts < 20_000
+    assert bl.wpmi_chunk_sizes(100, 2048, 20_000, max_elements=10) == (1, 1)  # never empty blocks
+    with pytest.raises(ValueError, match="positive"):
+        bl.wpmi_chunk_sizes(0, 3, 3)
+
+
+def test_soft_wpmi_gathers_no_block_larger_than_the_budget(monkeypatch):
+    """Every (k, units x concepts) block of gathered probabilities stays within max_elements (plus
+    the padding of the sums, under 64 columns)."""
+    gen = torch.Generator().manual_seed(2)
+    probs = torch.softmax(torch.randn(50, 40, generator=gen), 1)
+    top = torch.topk(torch.randn(50, 30, generator=gen), 10, dim=0).indices
+    blocks = []
+    real_ones = torch.ones
+
+    def recording_ones(*size, **kwargs):
+        out = real_ones(*size, **kwargs)
+        blocks.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch, "ones", recording_ones)
+    blocked = bl._wpmi_from_topk(top, probs, bl.SoftWPMIConfig(top_k=10), max_elements=10 * 4 * 6)
+    monkeypatch.undo()
+    units, concepts = bl.wpmi_chunk_sizes(10, 30, 40, max_elements=10 * 4 * 6)
+    assert units * concepts <= 4 * 6
+    assert len(blocks) == math.ceil(30 / units) * math.ceil(40 / concepts)
+    assert all(k == 10 and width < units * concepts + 64 for k, width in blocks)
+    assert torch.equal(blocked, bl._wpmi_from_topk(top, probs, bl.SoftWPMIConfig(top_k=10)))
+
+
 def test_clip_dissect_finds_planted_units_not_the_loud_one(tmp_path):
     store, text, planted = planted_store(tmp_path, n=2000, shard_size=600)
     acts = store.acts().clone()

@@ -333,3 +333,20 @@ def test_mean_abs_activation_streams_a_store():
             yield {"acts/layer": torch.tensor([[-5.0, 4.0]])}
 
     assert mean_abs_activation(Store()).tolist() == [3.0, 2.0]
+
+
+def test_classes_without_images_are_named_not_silently_dropped():
+    from miclip_nb.intervention import intervention_table
+    from miclip_nb.select import RandomSelector
+    from miclip_nb.steer import class_deltas
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    images, labels = torch.randn(6, 3, 2, 2), torch.tensor([0, 0, 1, 1, 0, 1])
+    with pytest.warns(UserWarning, match=r"classes \[2\] have no evaluation image"):
+        long = intervention_table(model, images, "1", {"r": [RandomSelector(3, 0)]}, labels=labels, classes=[0, 1, 2],
+                                  tau=1, n_other=0, progress=False)
+    assert set(long["n_classes"]) == {2}
+    with pytest.raises(ValueError, match=r"none of the classes \[2\] has an evaluation image"):
+        intervention_table(model, images, "1", {"r": [RandomSelector(3, 0)]}, labels=labels, classes=[2], tau=1)
+    with pytest.raises(ValueError, match="none of the selected classes"):
+        class_deltas(model, images, labels, "1", {2: torch.tensor([0])})

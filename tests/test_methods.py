@@ -28,8 +28,9 @@ def _evidence(tmp_path, *, sae=False, **kwargs):
 
 
 def test_every_method_declares_its_units_and_resolves_by_key_or_name():
-    assert methods.keys()[:3] == ["miclip", "miclip_cosine", "random"]
-    assert set(methods.keys("sae")) == {"miclip", "miclip_cosine", "random", "act_values", "clip_dissect", "ablation"}
+    assert methods.keys()[:4] == ["miclip", "miclip_cosine", "image_only", "random"]
+    assert set(methods.keys("sae")) == {"miclip", "miclip_cosine", "image_only", "random", "act_values", "clip_dissect",
+                                        "ablation"}
     assert "netdissect" in methods.keys("neuron") and "netdissect" not in methods.keys("sae")
     assert methods.resolve(["Act-Values", "miclip", "RANDOM", "act_values"]) == ("act_values", "miclip", "random")
     assert methods.get("Captum-GxA").key == "captum_gxa" and methods.table_name("ablation") == "Ablation"
@@ -85,6 +86,8 @@ def test_a_method_says_what_it_lacks_and_which_units_it_refuses(tmp_path):
     ev, _ = _evidence(tmp_path)
     with pytest.raises(ValueError, match="MiClip needs Evidence.miclip"):
         methods.get("miclip").selectors(ev)
+    with pytest.raises(ValueError, match="Image-only aligner needs Evidence.image_only"):
+        methods.get("image_only").selectors(ev)
     with pytest.raises(ValueError, match="NetDissect needs Evidence.mask_probe"):
         methods.get("netdissect").selectors(ev)
     with pytest.raises(ValueError, match="Captum-IG needs Evidence.images"):
@@ -106,3 +109,20 @@ def test_a_registered_method_joins_every_table(tmp_path):
         methods._REGISTRY.pop("oracle_test")
     with pytest.raises(ValueError, match="exactly one of scores= and draws="):
         methods.Method("bad", "Bad", frozenset({"neuron"}))
+
+
+def test_clip_dissect_reads_a_vit_layers_class_token():
+    """CLIP-Dissect's own code reads a ViT layer's class token; on toy_vit neurons the registry's
+    CLIP-Dissect must score exactly soft-WPMI over the class-token store, not the run's mean pooling."""
+    from miclip_nb import pipeline
+
+    cfg = pipeline.PipelineConfig(model="toy_vit", clip="toyclip", train_data="shapes:train:200", seeds=(0,),
+                                  methods=("clip_dissect",), n_probe=None)
+    prep = pipeline.prepare(cfg, progress=False)
+    space, store = pipeline.unit_space(prep, progress=False)
+    ev = pipeline.evidence(prep, space, store)
+    cls_store = methods.clip_dissect_store(ev)
+    assert cls_store.spec.pooling == "cls" and store.spec.pooling == "mean"
+    scores = methods.get("clip_dissect").selectors(ev)[0].scores_cu
+    torch.testing.assert_close(scores, bl.clip_dissect_from_store(cls_store, ev.class_emb_cd, "blocks.4"))
+    assert not torch.allclose(scores, bl.clip_dissect_from_store(store, ev.class_emb_cd, "blocks.4"))

@@ -85,12 +85,12 @@ def test_a_users_own_model_arrays_and_clip_run_end_to_end(tmp_path):
     written table (the Shapes world is never involved: tests/test_plugins.py checks that)."""
     images, labels, target, backend = _users_world()
     cfg = pipeline.PipelineConfig(model=target, clip=backend, train_data=images[:120], eval_data=(images[120:], labels[120:]),
-                                  methods=("miclip", "random", "act_values", "ablation"), seeds=(0,), n_random=3,
+                                  methods=("miclip", "image_only", "random", "act_values", "ablation"), seeds=(0,), n_random=3,
                                   n_probe=None, n_captum=40, n_other=8, tau=2, align=AlignConfig(epochs=3),
                                   out_dir=str(tmp_path / "out"))
     paths = pipeline.run(cfg, progress=False)
     long = __import__("pandas").read_csv(paths["delta_long"])
-    assert set(long["method"]) == {"MiClip", "Random", "Act-Values", "Ablation"}
+    assert set(long["method"]) == {"MiClip", "Image-only aligner", "Random", "Act-Values", "Ablation"}
     assert {"delta_acc", "delta_other", "specific", "flip_to_class"} <= set(long.columns)
     assert np.allclose(long["specific"], long["delta_acc"] - long["delta_other"])
     saved = json.loads(paths["run"].read_text())

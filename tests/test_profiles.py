@@ -33,7 +33,12 @@ def test_real_smoke_needs_a_folder_and_downloads_nothing(monkeypatch, tmp_path):
     monkeypatch.delenv("MICLIP_IMAGENET_SAMPLE", raising=False)
     with pytest.raises(ValueError, match="needs a folder"):
         profiles.get("real-smoke")
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"photo_{i}.png")
     p = profiles.real_smoke(str(tmp_path), n=8)
+    assert len(p.grounding_data) == 2  # the first n photos, or all there are
     assert p.pretrained is False and p.clip_pretrained is None and p.train_data == str(tmp_path)
     assert "netdissect" not in p.neuron_methods  # no mask folder in a smoke test
     assert p.pipeline_config().pretrained is False

@@ -75,6 +75,64 @@ def test_unit_inspector_shows_descriptions_images_and_histogram():
     assert parts["unit"].max == 7
 
 
+def _causal_state():
+    """The explorer of _state() over a model that reads it: the layer "features" holds the 8 units
+    (probe inputs = the probe activations), and the head reads unit 0 for class "red" and unit 1 for
+    class "star". Unit 4 is described "red" like unit 0 (it points at word 4 % 4) but nothing reads it."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    state = _state()
+    head = nn.Linear(8, 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.weight[0, 0] = head.weight[1, 1] = 3.0
+    state.target = nn.Sequential(OrderedDict(features=nn.Identity(), head=head)).eval()
+    state.probe_inputs, state.probe_labels = state.probe_acts_nu.clone(), torch.arange(20) % 2
+    state.class_names = ["red", "star"]
+    state.layer = "features"
+    return state
+
+
+def _rows(html_table):
+    return html_table.split("</tr>")[1:-1]
+
+
+def test_unit_inspector_shows_each_units_causal_effect_beside_its_descriptions():
+    state = _causal_state()
+    parts = unit_inspector_panel(state, tau=2)["parts"]
+    assert "red" in _rows(parts["table"].value)[0] and "logit drop if removed" in parts["effects"].value
+    first = _rows(parts["effects"].value)[0]
+    expected = 3.0 * float(state.probe_acts_nu[state.probe_labels == 0, 0].mean())
+    assert ">red<" in first and f">{expected:.3f}<" in first  # unit 0: class "red" reads it
+    parts["unit"].value = 4  # also described "red", read by nothing
+    assert "red" in _rows(parts["table"].value)[0]
+    assert all(">0.000<" in row for row in _rows(parts["effects"].value))
+    assert state.effects.computed == [0, 4]  # lazily: only the units shown
+    assert unit_inspector_panel(_state(), tau=2)["parts"]["effects"].value == ""  # no model: no causal column
+
+
+def test_concept_search_shows_each_localized_units_causal_score():
+    state = _causal_state()
+    parts = concept_search_panel(state, tau=2)["parts"]
+    parts["concept"].value = "red"  # a class name: the drop of the "red" logit
+    rows = _rows(parts["table"].value)
+    assert "causal: logit drop if removed" in parts["table"].value and len(rows) == 2
+    by_unit = {int(r.split("</td>")[0].rsplit(">", 1)[1]): r for r in rows}
+    assert set(by_unit) == {0, 4}
+    assert ">0.000<" in by_unit[4] and ">0.000<" not in by_unit[0] and all(">red<" in r for r in rows)
+    parts["concept"].value = "dots"  # not a class: the unit's largest class effect
+    assert all(r.count("</td>") == 4 for r in _rows(parts["table"].value))
+    assert sorted(state.effects.computed) == [0, 2, 4, 6]
+    from miclip_nb.widgets import causal_columns
+
+    assert causal_columns(state, 1, "star")[1] == "star" and causal_columns(state, 1, "star")[0] > 0
+    with pytest.raises(ValueError, match="causal"):
+        causal_columns(_state(), 0, "red")
+
+
 def _feature_state(with_masks: bool = True):
     # Feature f points at word f % 4 and fires on a 4 x 4 square at (f, f), so each feature's
     # heatmap differs; the "red" masks cover feature 0's square exactly.
@@ -203,6 +261,20 @@ def test_build_explorer_checks_the_units_of_the_layer():
     other = _toy_target(seed=1)
     with pytest.raises(ValueError, match=rf"made for model='{model_identity(other)}'.*used for model='{model_identity(target)}'"):
         explore(_embeddings(128, {**meta, "model": model_identity(other)}), "stages.3")
+
+
+def test_build_explorer_keeps_probe_inputs_for_causal_scores():
+    from miclip_nb.shapes import ShapesDataset
+    from miclip_nb.widgets import build_explorer
+
+    target, probe = _toy_target(), ShapesDataset("train", 6)
+    state = build_explorer(target, _backend(), torch.randn(128, 4), WORDS, torch.eye(4), probe, "stages.2", n_probe=6,
+                           batch_size=4, n_causal=5)
+    assert state.has_causal and state.probe_inputs.shape == (5, 3, 64, 64)
+    assert state.probe_labels.tolist() == probe.labels[:5] and state.class_names == target.class_names
+    assert state.effects.of(3).shape == (6,)
+    off = build_explorer(target, _backend(), torch.randn(128, 4), WORDS, torch.eye(4), probe, "stages.2", n_probe=6, n_causal=0)
+    assert not off.has_causal and off.effects is None
 
 
 def test_build_feature_state_checks_the_sae_features():

@@ -405,6 +405,10 @@ def test_hf_local_folder_and_config_forms(tmp_path):
     from transformers import ViTImageProcessor
 
     built = load_target("hf:tiny-vit", pretrained=False, config=tiny_vit_config())
+    with torch.no_grad():  # weights of its own, not the loader's (deterministic) random init
+        next(built.module.parameters()).add_(0.5)
+    built.fingerprint = ""
+    built.__post_init__()
     folder = tmp_path / "tiny-vit"
     built.module.hf_model.save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]).save_pretrained(folder)
@@ -539,3 +543,18 @@ def test_hf_paper_vit_b16_architecture():
         logits = target.module(x)
     acts = capture(target.module, x, target.default_layer, "none")
     assert acts[target.default_layer].shape == (1, 197, 768) and logits.shape == (1, 1000)
+
+
+def test_random_weights_are_the_same_on_every_load_and_leave_the_callers_rng_alone():
+    """A model with random weights (smoke tests) is built the same every time, so its fingerprint,
+    and with it every cache keyed on it, stays the same; the caller's random stream is untouched."""
+    from miclip_nb import embed, zoo
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = zoo.load_target("timm:resnet10t", pretrained=False)
+    assert torch.equal(torch.rand(3), expected)
+    b = zoo.load_target("timm:resnet10t", pretrained=False)
+    assert a.fingerprint == b.fingerprint
+    assert embed.load_clip("ViT-B-16", None).fingerprint == embed.load_clip("ViT-B-16", None).fingerprint

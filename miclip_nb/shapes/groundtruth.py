@@ -14,7 +14,7 @@ AUROC on a disjoint *evaluation* part):
   **MiClip (cosine)**: the paper's plain cosine similarity, same unit embeddings.
 - **Act-Values**: mean activation over the probing images that have the attribute.
 - **NetDissect**: IoU of the thresholded activation maps with the concept's masks.
-- **CLIP-Dissect**: soft-WPMI with the concept's text embedding.
+- **CLIP-Dissect**: soft-WPMI with the concept's text embedding (on a ViT layer, the class token, as its own code reads it).
 - **Captum-***: attribution to the class logit; classes are shapes, so only the 6 shape concepts
   get units (colour/texture rows are NaN and reported as missing).
 - **Random**: tau random units (mean AUROC over draws), the floor; **Best unit**: the single unit
@@ -38,6 +38,7 @@ from PIL import Image
 from torch import nn
 
 from .. import baselines as bl
+from ..capture import num_prefix_tokens
 from .. import methods
 from ..interpret import DEFAULT_TEMPERATURE
 from ..metrics import auroc, best_unit_auroc
@@ -196,7 +197,11 @@ def concept_scores(
         elif m == bl.ACT_VALUES:
             out[m] = bl.act_values_scores(acts, presence)
         elif m == bl.CLIP_DISSECT:
-            out[m] = bl.soft_wpmi(acts, _clip_image_embeddings(backend, probe), concept_emb, wpmi)
+            # a ViT layer's class token, as CLIP-Dissect's own code reads it (methods.clip_dissect_store)
+            cd_acts = acts if num_prefix_tokens(model) == 0 else torch.cat(
+                [bl.pooled_activations(model, layer, _probe_images(probe, r), "cls", batch_size, device)
+                 for r in bl._batches(len(probe), 512)])
+            out[m] = bl.soft_wpmi(cd_acts, _clip_image_embeddings(backend, probe), concept_emb, wpmi)
         elif m == bl.NETDISSECT:
             out[m] = bl.netdissect_scores(model, layer, probe, batch_size=batch_size, device=device, progress=progress)
         else:

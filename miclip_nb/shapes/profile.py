@@ -21,8 +21,9 @@ def toy_profile() -> Profile:
         grounding_concepts=tuple(COLORS + SHAPES), grounding_concept="red", grounding_data="shapes:test:300",
         table_models={"toy_cnn": "stages.2", "toy_vit": "blocks.4"},
         # "ablation" is a reference row, not a method: each class's 5 units whose removal alone costs most
-        neuron_methods=("miclip", "miclip_cosine", "random", "act_values", "netdissect", "clip_dissect", "captum_gxa",
-                        "ablation"),
+        neuron_methods=("miclip", "miclip_cosine", "image_only", "random", "act_values", "netdissect", "clip_dissect",
+                        "captum_gxa", "ablation"),
+        sae_methods=("miclip", "miclip_cosine", "image_only", "random", "act_values", "clip_dissect", "ablation"),
         table=dict(train_data="shapes:train:2000", eval_data="shapes:test:240", seeds=(0, 1, 2), n_random=3, n_probe=200,
                    n_captum=60, n_other=64, sae=SAEConfig(expansion=4, k=8, epochs=2), sae_train_data="shapes:train:500"),
         diagnosis_model="toy_cnn", diagnosis_layers=("stages.0", "stages.1", "stages.2", "stages.3"),

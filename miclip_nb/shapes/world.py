@@ -197,6 +197,13 @@ def _shape_polygon(name: str, cx: float, cy: float, r: float, angle: float) -> l
     return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in base]
 
 
+def sample_attributes(cfg: WorldConfig, split: str, index: int) -> tuple[int, int, int]:
+    """(shape, colour, texture) indices of image ``index`` of ``split``, without rendering it (they
+    are the first draws of the image's generator, so this equals ``render(...)``'s attributes).
+    Raises ValueError for an unknown split."""
+    return _sample_attributes(cfg, split, _rng(cfg, split, index))
+
+
 def render(cfg: WorldConfig, split: str, index: int) -> Sample:
     """Generate image ``index`` of ``split`` deterministically.
 
@@ -311,7 +318,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def attributes(self) -> np.ndarray:
         """(n, 3) int array of (shape, colour, texture) indices of every image (drawn without
         rendering: the attributes are the first draws of each image's generator)."""
-        return np.array([_sample_attributes(self.cfg, self.split, _rng(self.cfg, self.split, i)) for i in range(self.n)])
+        return np.array([sample_attributes(self.cfg, self.split, i) for i in range(self.n)])
 
     @property
     def labels(self) -> list[int]:
