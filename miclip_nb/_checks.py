@@ -53,10 +53,16 @@ def nonfinite_batch(inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[torch.
     return bad_inputs, nonfinite_rows(outputs) & ~bad_inputs
 
 
+def shown_values(values) -> str:
+    """The first :data:`SHOWN_INDICES` of ``values``, comma-separated, then ", ..." if there are more."""
+    values = list(values)
+    return ", ".join(str(v) for v in values[:SHOWN_INDICES]) + (", ..." if len(values) > SHOWN_INDICES else "")
+
+
 def describe_indices(indices) -> str:
     """"1 image (index 4)", "3 images (indices 1, 4, 9)", "12 images (indices 0, 1, 2, 3, 4, ...)"."""
     indices = [int(i) for i in indices]
-    shown = ", ".join(str(i) for i in indices[:SHOWN_INDICES]) + (", ..." if len(indices) > SHOWN_INDICES else "")
+    shown = shown_values(indices)
     if len(indices) == 1:
         return f"1 image (index {shown})"
     return f"{len(indices)} images (indices {shown})"

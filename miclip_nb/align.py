@@ -269,10 +269,8 @@ def train_encoder(
     n_units, embed_dim = store.fields[field_name][0], store.fields["clip_image"][0]
     if class_text_emb_cd.ndim != 2 or class_text_emb_cd.shape[1] != embed_dim:
         raise ValueError(f"class_text_emb_cd must be (C, {embed_dim}), got {tuple(class_text_emb_cd.shape)}")
-    dist_on = _dist.enabled(distributed)
-    rank, world = _dist.rank_and_world() if dist_on else (0, 1)
+    dist_on, rank, world, device = _dist.setup(distributed, device)
     progress = progress and rank == 0
-    device = torch.device(device or (_dist.default_device() if dist_on else "cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
 
     mean, std, n_train = _streaming_stats(store, field_name, config.val_fraction, seed, distributed=dist_on)
@@ -405,9 +403,8 @@ def fit_alignment(
         return load_encoder(path)
     encoder, _ = train_encoder(store, class_text_emb_cd, layer=layer, config=config, seed=seed, device=device,
                                progress=progress, distributed=distributed)
-    dist_on = _dist.enabled(distributed)
-    if cache and (not dist_on or _dist.rank_and_world()[0] == 0):
+    if cache and _dist.enabled(distributed):  # rank 0 writes; the others wait for it (or get its error)
+        _dist.on_rank0(save_encoder, encoder, path)
+    elif cache:
         save_encoder(encoder, path)
-    if dist_on:
-        _dist.barrier()
     return encoder

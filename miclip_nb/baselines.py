@@ -541,6 +541,13 @@ def soft_wpmi(acts_nu: torch.Tensor, image_emb_nd: torch.Tensor, concept_emb_cd:
     return _wpmi_from_topk(top_idx, probs, config)
 
 
+def clip_dissect_reads_class_token(model: nn.Module) -> bool:
+    """Whether CLIP-Dissect reads ``model``'s layers at the class token: for a ViT (a model with
+    prefix tokens), as CLIP-Dissect's own code does (a mean over the patch tokens changes most
+    units' labels); a CNN's maps are pooled as the run pools them."""
+    return num_prefix_tokens(model) > 0
+
+
 def clip_dissect_from_store(store: ActivationStore, concept_emb_cd: torch.Tensor, layer: str | None = None,
                             config: SoftWPMIConfig = SoftWPMIConfig(), image_field: str = "clip_image",
                             rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,31 +33,15 @@ from typing import Callable, Sequence
 
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ._progress import bars_off
 from .capture import hooked_activations, unwrap_output
-from .steer import SplitError, cache_layer_outputs, edit_layer, neuron_edit, tail_module, unit_dim
+from .intervention import _model_and_preprocess
+from .steer import SplitError, _model_device, cache_layer_outputs, edit_layer, neuron_edit, tail_module, unit_dim
 
-__all__ = ["UnitEffects", "unit_effects", "causal_score", "top_effects", "describe_with_effects",
+__all__ = ["UnitEffects", "unit_effects", "causal_score", "class_label", "top_effects", "describe_with_effects",
            "localize_with_effects", "confirm", "ConfirmedSelector"]
-
-
-def _module(target) -> nn.Module:
-    if isinstance(target, nn.Module):
-        return target
-    module = getattr(target, "module", None)
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"target must be a zoo.TargetModel or an nn.Module, got {type(target).__name__}")
-    return module
-
-
-def _device(model: nn.Module, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 class UnitEffects:
@@ -80,7 +64,7 @@ class UnitEffects:
     def __init__(self, target, layer: str, images: torch.Tensor, *, labels=None, edit_factory: Callable | None = None,
                  n_units: int | None = None, beta: float = 0.0, batch_size: int = 256, device=None,
                  progress: bool = False):
-        self.model = _module(target).eval()
+        self.model = _model_and_preprocess(target)[0].eval()
         self.layer, self.beta, self.batch_size, self.progress = layer, float(beta), int(batch_size), progress
         self.images = torch.as_tensor(images)
         if self.images.ndim < 2 or self.images.shape[0] == 0:
@@ -92,7 +76,7 @@ class UnitEffects:
         if self.labels is not None and bool((self.labels < 0).any()):
             raise ValueError("labels must be >= 0 (class indices)")
         self.make_edit = edit_factory or neuron_edit
-        self.device = _device(self.model, device)
+        self.device = torch.device(device) if device is not None else _model_device(self.model)
         self._cache: dict[int, torch.Tensor] = {}
         try:
             self._tail = tail_module(self.model, layer, self.images[:2].to(self.device))
@@ -241,12 +225,20 @@ def causal_score(effects_c: torch.Tensor, concept: str | int | None = None,
     return float(effects_c[best]), best
 
 
+def class_label(cls: int | None, class_names: Sequence[str] | None = None) -> str | int | None:
+    """The name of class index ``cls`` among ``class_names`` (without names: the index itself;
+    None stays None), as the causal scores' ``causal_class`` columns show it."""
+    if cls is None:
+        return None
+    return class_names[cls] if class_names is not None else cls
+
+
 def top_effects(effects_c: torch.Tensor, class_names: Sequence[str] | None = None, k: int = 3) -> list[tuple[str, float]]:
     """The unit's ``k`` largest class effects, [(class name or index, drop)] largest first (NaN
     classes left out). effects_c: (C,)."""
     effects_c = torch.as_tensor(effects_c).float().flatten()
     order = torch.argsort(torch.nan_to_num(effects_c, nan=-float("inf")), descending=True).tolist()
-    rows = [(str(class_names[i]) if class_names is not None else str(i), float(effects_c[i]))
+    rows = [(str(class_label(i, class_names)), float(effects_c[i]))
             for i in order if not torch.isnan(effects_c[i])]
     return rows[:k]
 
@@ -264,7 +256,7 @@ def describe_with_effects(descriptions: Sequence[tuple[str, float]], effects_c: 
     for rank, (concept, score) in enumerate(descriptions, 1):
         value, cls = causal_score(effects_c, concept, class_names)
         rows.append({"rank": rank, "concept": concept, "score": float(score), "causal": value,
-                     "causal_class": None if cls is None else (class_names[cls] if class_names is not None else cls)})
+                     "causal_class": class_label(cls, class_names)})
     return pd.DataFrame(rows, columns=["rank", "concept", "score", "causal", "causal_class"])
 
 
@@ -284,7 +276,7 @@ def localize_with_effects(units: Sequence[int] | torch.Tensor, scores: Sequence[
     for rank, (u, s) in enumerate(zip(units, scores), 1):
         value, cls = causal_score(_effects_row(effects, u), concept, class_names)
         rows.append({"rank": rank, "unit": int(u), "score": float(s), "causal": value,
-                     "causal_class": None if cls is None else (class_names[cls] if class_names is not None else cls)})
+                     "causal_class": class_label(cls, class_names)})
     return pd.DataFrame(rows, columns=["rank", "unit", "score", "causal", "causal_class"])
 
 

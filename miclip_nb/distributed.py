@@ -96,6 +96,16 @@ def enabled(distributed: bool | None) -> bool:
     return bool(distributed)
 
 
+def setup(distributed: bool | None, device: str | torch.device | None) -> tuple[bool, int, int, torch.device]:
+    """A training function's ``distributed`` and ``device`` arguments resolved: (on, as
+    :func:`enabled`; rank and world size, (0, 1) when off; the device: ``device``, else this rank's
+    (:func:`default_device`) when on, else CUDA when available, else the CPU). Raises as :func:`enabled`."""
+    on = enabled(distributed)
+    rank, world = rank_and_world() if on else (0, 1)
+    fallback = default_device() if on else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return on, rank, world, torch.device(device) if device else fallback
+
+
 def split(n: int, rank: int, world: int) -> tuple[int, int]:
     """The contiguous share ``[lo, hi)`` of ``n`` items that ``rank`` of ``world`` takes
     (sizes differ by at most one; lower ranks get the smaller shares)."""
@@ -152,6 +162,21 @@ def barrier() -> None:
     """Wait for every rank (nothing without a process group)."""
     if is_initialized():
         dist.barrier()
+
+
+def on_rank0(fn, *args) -> Any:
+    """``fn(*args)`` run on rank 0 alone; every rank returns its (picklable) result, or raises the
+    exception it raised, so no rank is left waiting on one that failed. Every rank calls it."""
+    outcome = None
+    if rank_and_world()[0] == 0:
+        try:
+            outcome = ("ok", fn(*args))
+        except Exception as err:  # noqa: BLE001 - handed to every rank, then raised there
+            outcome = ("error", err)
+    status, value = broadcast_object(outcome)
+    if status == "error":
+        raise value
+    return value
 
 
 class _GatherRows(torch.autograd.Function):

@@ -51,7 +51,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import NonFiniteInputError, check_on_bad, describe_indices, nonfinite_batch, report_nonfinite
+from ._checks import (SHOWN_INDICES, NonFiniteInputError, check_on_bad, describe_indices, nonfinite_batch,
+                      report_nonfinite, shown_values)
 from ._progress import bars_off
 from .capture import resolve_layer
 from .select import UnitSelector
@@ -135,8 +136,7 @@ def _classes_with_images(labels: torch.Tensor, classes) -> list[int]:
 
 def describe_classes(classes: Sequence[int]) -> str:
     """"[3, 7, 9]" or "[3, 7, 9, 12, 15, ...] (40 classes)"."""
-    shown = ", ".join(map(str, classes[:5])) + (", ..." if len(classes) > 5 else "")
-    return f"[{shown}]" + (f" ({len(classes)} classes)" if len(classes) > 5 else "")
+    return f"[{shown_values(classes)}]" + (f" ({len(classes)} classes)" if len(classes) > SHOWN_INDICES else "")
 
 
 def _label_attribute(dataset) -> torch.Tensor | None:

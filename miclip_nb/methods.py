@@ -81,8 +81,8 @@ class Evidence:
 
 
 _NEEDS_HELP = {
-    "miclip": "the aligned unit embeddings per seed: pipeline.miclip_unit_embeddings",
-    "image_only": "unit embeddings of encoders aligned on images alone: pipeline.miclip_unit_embeddings with image_only=True",
+    "miclip": "the aligned unit embeddings per seed: pipeline.aligned_units",
+    "image_only": "unit embeddings of encoders aligned on images alone: pipeline.aligned_units with image_only=True",
     "mask_probe": "concept masks: a Broden-style folder (baselines.FolderMaskProbe) or a dataset with masks",
     "images": "a way to draw training images per seed",
 }
@@ -204,9 +204,7 @@ def clip_dissect_store(ev: Evidence):
     """The store CLIP-Dissect reads: a ViT layer's class token where the units are the layer's
     neurons (as CLIP-Dissect's own code does for ViTs; a mean over the patch tokens changes most
     units' labels), else the evidence's store (CNN maps pooled by the run's pooling; SAE codes)."""
-    from .capture import num_prefix_tokens
-
-    if ev.space.kind == "neuron" and ev.pooled is not None and num_prefix_tokens(ev.space.target.module) > 0:
+    if ev.space.kind == "neuron" and ev.pooled is not None and bl.clip_dissect_reads_class_token(ev.space.target.module):
         return ev.pooled("cls")
     return ev.store
 

@@ -30,7 +30,6 @@ from .intervention import intervention_table
 from .reporting import summarize_table, table_markdown, wide_table
 from .sae import SAEConfig
 from .select import MiClipSelector, UnitSelector
-from .steer import PAPER_BETAS
 from .store import ActivationStore, build_store
 from .units import UnitSpace, neurons, sae_features
 from .zoo import TargetModel, load_target
@@ -248,6 +247,14 @@ def miclip_unit_embeddings(prep: Prepared, space: UnitSpace, store: ActivationSt
     return out
 
 
+def aligned_units(prep: Prepared, space: UnitSpace, store: ActivationStore, progress: bool = True,
+                  image_only: bool = False) -> tuple[list[torch.Tensor], list[float]]:
+    """(unit embeddings (U, D), concept temperature) of each seed's encoder (:func:`miclip_encoders`,
+    ``image_only`` as there; :func:`miclip_unit_embeddings`): what :func:`evidence` takes."""
+    encoders = miclip_encoders(prep, store, progress, image_only=image_only)
+    return miclip_unit_embeddings(prep, space, store, encoders), [concept_temperature(e) for e in encoders]
+
+
 def _per_seed(seeds: Sequence[int], unit_embs, temperatures):
     """seed -> (unit embeddings, temperature), or None without embeddings. Raises ValueError for
     counts that differ."""
@@ -297,12 +304,16 @@ def evidence(prep: Prepared, space: UnitSpace, store: ActivationStore, unit_embs
             return source.mask_probe(prep.store.n_rows, preprocess=prep.target.preprocess)
         return None
 
+    stores = {prep.store.spec.pooling: prep.store}
+
     def pooled(pooling: str) -> ActivationStore:
-        """The training images' store of the layer's neurons pooled by ``pooling`` (cached)."""
-        if pooling == prep.store.spec.pooling:
-            return prep.store
-        return build_store(prep.target, train, [prep.layer], pooling=pooling, clip=prep.backend,
-                           n_items=_cap(train, cfg.n_train), batch_size=cfg.batch_size, device=cfg.device, progress=progress)
+        """The training images' store of the layer's neurons pooled by ``pooling`` (built or found
+        once, then the same store for every seed and method)."""
+        if pooling not in stores:
+            stores[pooling] = build_store(prep.target, train, [prep.layer], pooling=pooling, clip=prep.backend,
+                                          n_items=_cap(train, cfg.n_train), batch_size=cfg.batch_size, device=cfg.device,
+                                          progress=progress)
+        return stores[pooling]
 
     return methods_mod.Evidence(space, store, prep.class_text_emb_cd, cfg.seeds, n_random=cfg.n_random, pooled=pooled,
                                 image_only=image_only,
@@ -356,12 +367,9 @@ def delta_accuracy(config: PipelineConfig, prep: Prepared | None = None, progres
     space, store = unit_space(prep, progress)
     unit_embs = temperatures = image_only = None
     if any(m in config.methods for m in ("miclip", "miclip_cosine")):
-        encoders = miclip_encoders(prep, store, progress)
-        unit_embs = miclip_unit_embeddings(prep, space, store, encoders)
-        temperatures = [concept_temperature(e) for e in encoders]
+        unit_embs, temperatures = aligned_units(prep, space, store, progress)
     if "image_only" in config.methods:
-        encoders = miclip_encoders(prep, store, progress, image_only=True)
-        image_only = (miclip_unit_embeddings(prep, space, store, encoders), [concept_temperature(e) for e in encoders])
+        image_only = aligned_units(prep, space, store, progress, image_only=True)
     selectors = method_selectors(evidence(prep, space, store, unit_embs, temperatures, progress, image_only),
                                  config.methods)
     eval_data = dataset(config.eval_data, config.n_eval)

@@ -340,10 +340,8 @@ def train_sae(
     if field_name not in store.fields:
         raise ValueError(f"store has no layer {layer!r}; layers: {list(store.layers)}")
     d_in, n_prefix = _layer_geometry(store, field_name, n_prefix)
-    dist_on = _dist.enabled(distributed)
-    rank, world = _dist.rank_and_world() if dist_on else (0, 1)
+    dist_on, rank, world, device = _dist.setup(distributed, device)
     progress = progress and rank == 0
-    device = torch.device(device or (_dist.default_device() if dist_on else "cuda" if torch.cuda.is_available() else "cpu"))
     amp = device.type == "cuda"
     sae = TopKSAE(d_in, config)  # raises for k > n_latents before any pass over the data
 
@@ -588,11 +586,10 @@ def fit_sae(
         return sae, dict(sae.meta.get("metrics", {}))
     sae, metrics = train_sae(store, layer, config, seed=seed, device=device, progress=progress, n_prefix=n_prefix,
                              distributed=distributed)
-    dist_on = _dist.enabled(distributed)
-    if cache and (not dist_on or _dist.rank_and_world()[0] == 0):
+    if cache and _dist.enabled(distributed):  # rank 0 writes; the others wait for it (or get its error)
+        _dist.on_rank0(save_sae, sae, path)
+    elif cache:
         save_sae(sae, path)
-    if dist_on:
-        _dist.barrier()
     return sae, metrics
 
 

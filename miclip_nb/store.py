@@ -931,20 +931,6 @@ def _drop_merged(store_dir: Path, meta: dict) -> None:
     (store_dir / METADATA).unlink(missing_ok=True)
 
 
-def _collective(fn, *args):
-    """``fn(*args)`` on rank 0, its result (or the exception it raised) on every rank."""
-    outcome = None
-    if _dist.rank_and_world()[0] == 0:
-        try:
-            outcome = ("ok", fn(*args))
-        except Exception as err:  # noqa: BLE001 - handed to every rank, then raised there
-            outcome = ("error", err)
-    status, value = _dist.broadcast_object(outcome)
-    if status == "error":
-        raise value
-    return value
-
-
 def _build_distributed(target, dataset, spec: StoreSpec, store_dir: Path, layers: Sequence[str], pooling: str, clip,
                        transform, *, batch_size: int, shard_size: int, num_workers: int, device, dtype: torch.dtype,
                        progress: bool, on_error: str) -> "ActivationStore":
@@ -964,7 +950,7 @@ def _build_distributed(target, dataset, spec: StoreSpec, store_dir: Path, layers
         _drop_merged(store_dir, existing.meta)
         return "build"
 
-    state = _collective(inspect)
+    state = _dist.on_rank0(inspect)
     if state == "complete":  # every rank checks the sha256 of its share of the shards
         existing = ActivationStore(store_dir)
         problem = None
@@ -983,7 +969,7 @@ def _build_distributed(target, dataset, spec: StoreSpec, store_dir: Path, layers
             _register_without_skipped(existing, dataset)
             return True
 
-        if _collective(reuse_or_drop):
+        if _dist.on_rank0(reuse_or_drop):
             return ActivationStore(store_dir)
 
     lo, hi = rank_block(spec.n_items, shard_size, rank, world)
@@ -1007,7 +993,7 @@ def _build_distributed(target, dataset, spec: StoreSpec, store_dir: Path, layers
             raise UnreadableImageError(f"none of the {spec.n_items} images of the dataset could be read")
         _register_without_skipped(ActivationStore(store_dir), dataset)
 
-    _collective(merge)
+    _dist.on_rank0(merge)
     return ActivationStore(store_dir)
 
 
@@ -1073,7 +1059,7 @@ def derive_store(
     spec = replace(source.spec, layers=tuple(layers), pooling=pooling, unit_transform=f"{fingerprint}|n_prefix={n_prefix}")
     store_dir = (Path(root) if root is not None else cache_dir() / "stores") / spec.key
     if _dist.enabled(None):  # one writer: rank 0 derives, every rank gets its result (or its error)
-        return ActivationStore(_collective(lambda: str(_derive(
+        return ActivationStore(_dist.on_rank0(lambda: str(_derive(
             source, transform, spec, store_dir, layers, pooling, n_prefix, batch_size, shard_size, device,
             progress).dir)))
     return _derive(source, transform, spec, store_dir, layers, pooling, n_prefix, batch_size, shard_size, device, progress)

@@ -153,13 +153,12 @@ def causal_columns(state: ExplorerState, unit: int, concept: str | None = None) 
     logit when the unit alone is removed if the concept names one of ``state.class_names``, else
     the unit's largest class effect (causal.causal_score), over the state's probe inputs (computed
     on first use, then cached). Raises ValueError when the state has no causal inputs."""
-    from .causal import causal_score
+    from .causal import causal_score, class_label
 
     if not state.has_causal:
         raise ValueError("this explorer has no model and probe inputs for causal scores (ExplorerState.target / probe_inputs)")
     value, cls = causal_score(state.effects.of(int(unit)), (concept or "").strip() or None, state.class_names)
-    name = "" if cls is None else (state.class_names[cls] if state.class_names else str(cls))
-    return value, name
+    return value, "" if cls is None else str(class_label(cls, state.class_names))
 
 
 def concept_search_panel(state: ExplorerState, tau: int = 5, k_images: int = 6) -> dict:

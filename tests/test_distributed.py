@@ -174,6 +174,17 @@ def _worker(root: str, out_dir: str) -> None:
         t0 = time.perf_counter()
         res["trained"] = _train_all(store, tokens, text)
         res["train_seconds"] = time.perf_counter() - t0
+        # fit_* under the group: rank 0 writes the cache, every rank returns the trained model.
+        from miclip_nb.align import AlignConfig, fit_alignment
+        from miclip_nb.sae import SAEConfig, fit_sae
+
+        os.environ["MICLIP_CACHE_DIR"] = cache = os.path.join(root, "fit-cache")
+        encoder = fit_alignment(store, text, config=AlignConfig(**ALIGN_CONFIGS["linear"]), seed=0, device="cpu",
+                                progress=False)
+        fitted_sae, _ = fit_sae(tokens, config=SAEConfig(**SAE_CONFIG), seed=0, device="cpu", progress=False)
+        dist.barrier()
+        res["fitted"] = {"linear": encoder.state_dict(), "sae": fitted_sae.state_dict(),
+                         "cached": sorted(str(p.relative_to(cache)) for p in Path(cache).rglob("*.safetensors"))}
         res["parts"] = sorted(p.name for p in store.dir.glob("metadata.r*.json"))
         res["merged"] = json.loads((store.dir / store_mod.METADATA).read_text())["world_size"]
         shards = {p.name: p.stat().st_mtime_ns for p in store.dir.glob("shard_*")}
@@ -294,6 +305,17 @@ def test_ddp_encoders_and_sae_equal_one_process_and_every_rank_holds_the_same_mo
         assert got[key] == pytest.approx(ref[key], abs=ATOL), key
     assert got["n_train_vectors"] == ref["n_train_vectors"] and got["n_vectors"] == ref["n_vectors"]
     assert got["history"]["train_nmse"] == pytest.approx(ref["history"]["train_nmse"], abs=ATOL)
+
+
+def test_fitting_under_the_group_caches_once_and_every_rank_returns_the_trained_model(runs):
+    _, ranks, _ = runs
+    for name in ("linear", "sae"):
+        for r in ranks:
+            for key, value in r["trained"][name]["state"].items():
+                assert torch.equal(r["fitted"][name][key], value), (r["rank"], name, key)
+    cached = ranks[0]["fitted"]["cached"]
+    assert cached == ranks[1]["fitted"]["cached"]
+    assert sorted(p.split("/")[0] for p in cached) == ["encoders", "saes"]  # the cache: one encoder, one SAE
 
 
 def test_report_figures(runs, capsys):

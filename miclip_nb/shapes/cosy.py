@@ -35,7 +35,7 @@ from PIL import Image
 from torch import nn
 
 from ..metrics import auroc
-from .world import CONCEPT_KIND, CONCEPTS, COLORS, SHAPES, TEXTURES, WorldConfig, render, sample_attributes, to_tensor
+from .world import CONCEPT_KIND, CONCEPTS, WorldConfig, concept_attribute, render, sample_attributes, to_tensor
 
 #: The first balanced-split index CoSy's images are drawn from: far beyond the probing sets the
 #: descriptions are made on (balanced images 0 .. n_probe - 1), so no image is seen twice.
@@ -44,18 +44,6 @@ COSY_START = 1_000_000
 RANDOM = "Random"
 #: Description methods :func:`method_descriptions` knows (groundtruth table names).
 DESCRIPTION_METHODS: tuple[str, ...] = ("MiClip", "CLIP-Dissect", "NetDissect", "Act-Values")
-_COLUMN = {"shape": 0, "color": 1, "texture": 2}
-_VALUES = {"shape": SHAPES, "color": COLORS, "texture": TEXTURES}
-
-
-def _check_concept(concept: str) -> tuple[int, int]:
-    """(attribute column, value index) of a world concept. Raises ValueError for another word."""
-    if concept not in CONCEPT_KIND:
-        raise ValueError(f"{concept!r} is not a concept of the Shapes world; choose from {list(CONCEPTS)}")
-    kind = CONCEPT_KIND[concept]
-    return _COLUMN[kind], _VALUES[kind].index(concept)
-
-
 def concept_indices(concept: str, n: int, *, present: bool = True, cfg: WorldConfig | None = None,
                     split: str = "balanced", start: int = COSY_START, max_scan: int | None = None) -> list[int]:
     """The first ``n`` indices of ``split`` from ``start`` on whose image shows ``concept``
@@ -65,7 +53,7 @@ def concept_indices(concept: str, n: int, *, present: bool = True, cfg: WorldCon
     within ``max_scan`` indices (default 100 x n)."""
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
-    column, value = _check_concept(concept)
+    column, value = concept_attribute(concept)
     cfg = cfg or WorldConfig()
     found, limit = [], max_scan if max_scan is not None else 100 * n
     for index in range(start, start + limit):
@@ -124,7 +112,7 @@ def cosy_scores(model: nn.Module, layer: str, descriptions: Mapping[str, Mapping
     cfg = cfg or WorldConfig()
     concepts = list(dict.fromkeys(c for d in descriptions.values() for c in d.values()))
     for c in concepts:
-        _check_concept(c)
+        concept_attribute(c)
     sets = {c: (concept_indices(c, n_images, cfg=cfg, start=start), concept_indices(c, n_images, present=False, cfg=cfg,
                                                                                      start=start)) for c in concepts}
     union = sorted({i for pos, neg in sets.values() for i in (*pos, *neg)})
@@ -196,15 +184,14 @@ def random_descriptions(units: Sequence[int], seed: int = 0, concepts: Sequence[
 
 
 def method_descriptions(model: nn.Module, layer: str, *, backend, unit_emb_ud: torch.Tensor,
-                        temperature: float | None = None, units: Sequence[int] | None = None, n_probe: int = 1000,
+                        units: Sequence[int] | None = None, n_probe: int = 1000,
                         methods: Sequence[str] = DESCRIPTION_METHODS, random_seed: int | None = 0, cfg=None,
                         batch_size: int = 64, device=None, progress: bool = False) -> dict[str, dict[int, str]]:
     """``{method: {unit: concept}}``: each method's top description of each unit (default every
     unit) over the 16 concepts: MiClip by interpret.describe of ``unit_emb_ud`` against ``backend``'s
     concept embeddings; CLIP-Dissect, NetDissect and Act-Values by the argmax of their (16, U)
     groundtruth.concept_scores on balanced images 0 .. ``n_probe`` - 1; with ``random_seed``, a
-    "Random" description per unit. ``temperature`` is accepted for symmetry with the benchmark
-    (describe's ranking does not depend on it). Raises ValueError for an unknown method.
+    "Random" description per unit. Raises ValueError for an unknown method.
     """
     from ..interpret import encode_concepts
     from .groundtruth import concept_scores

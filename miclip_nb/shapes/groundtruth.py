@@ -38,7 +38,6 @@ from PIL import Image
 from torch import nn
 
 from .. import baselines as bl
-from ..capture import num_prefix_tokens
 from .. import methods
 from ..interpret import DEFAULT_TEMPERATURE
 from ..metrics import auroc, best_unit_auroc
@@ -175,11 +174,13 @@ def concept_scores(
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     attrs = probe.attributes()
     presence = concept_presence(attrs)
-    needs_acts = any(m in (bl.ACT_VALUES, bl.CLIP_DISSECT) for m in methods)
-    acts = None
-    if needs_acts:
-        acts = torch.cat([bl.pooled_activations(model, layer, _probe_images(probe, r), pooling, batch_size, device)
+
+    def probe_acts(how: str) -> torch.Tensor:  # (N, U) the probe images' activations pooled by ``how``
+        return torch.cat([bl.pooled_activations(model, layer, _probe_images(probe, r), how, batch_size, device)
                           for r in bl._batches(len(probe), 512)])
+
+    needs_acts = any(m in (bl.ACT_VALUES, bl.CLIP_DISSECT) for m in methods)
+    acts = probe_acts(pooling) if needs_acts else None
     concept_emb = None
     if any(m in methods for m in (*_MICLIPS, bl.CLIP_DISSECT)):
         if backend is None:
@@ -197,10 +198,7 @@ def concept_scores(
         elif m == bl.ACT_VALUES:
             out[m] = bl.act_values_scores(acts, presence)
         elif m == bl.CLIP_DISSECT:
-            # a ViT layer's class token, as CLIP-Dissect's own code reads it (methods.clip_dissect_store)
-            cd_acts = acts if num_prefix_tokens(model) == 0 else torch.cat(
-                [bl.pooled_activations(model, layer, _probe_images(probe, r), "cls", batch_size, device)
-                 for r in bl._batches(len(probe), 512)])
+            cd_acts = probe_acts("cls") if bl.clip_dissect_reads_class_token(model) else acts
             out[m] = bl.soft_wpmi(cd_acts, _clip_image_embeddings(backend, probe), concept_emb, wpmi)
         elif m == bl.NETDISSECT:
             out[m] = bl.netdissect_scores(model, layer, probe, batch_size=batch_size, device=device, progress=progress)

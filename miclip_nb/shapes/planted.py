@@ -46,7 +46,6 @@ channel by its colour except MiClip, which calls purple "grid" (8 of 9).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -56,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cosy import argmax_descriptions
 from .world import COLOR_RGB, COLORS, CONCEPTS, SHAPES
 
 #: A pixel counts for colour k when its RGB value (0-255) lies nearest to colour k and within this
@@ -328,9 +328,9 @@ def description_hits(concept_scores: Mapping[str, torch.Tensor], truth: pd.DataF
     for method, scores in concept_scores.items():
         if scores.shape[0] != len(concepts):
             raise ValueError(f"{method}: scores have {scores.shape[0]} rows for {len(concepts)} concepts")
+        top = argmax_descriptions(scores, truth["unit"].tolist(), concepts)
         for row in truth.to_dict("records"):
-            column = scores[:, row["unit"]].float()
-            described = None if bool(torch.isnan(column).all()) else concepts[int(torch.nan_to_num(column, nan=-float("inf")).argmax())]
+            described = top.get(row["unit"])
             rows.append({"method": method, "unit": row["unit"], "concept": row["concept"], "read": row["read"],
                          "mirrored": row["mirrored"], "described_as": described, "hit": described == row["concept"]})
     return pd.DataFrame(rows, columns=["method", "unit", "concept", "read", "mirrored", "described_as", "hit"])

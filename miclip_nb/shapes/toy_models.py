@@ -292,12 +292,10 @@ def concept_unit_aurocs(features_nu: torch.Tensor, attributes_n3) -> dict[str, d
     Returns {concept: {"unit": int, "auroc": float}} over :data:`shapes.CONCEPTS`.
     """
     attributes_n3 = np.asarray(attributes_n3)
-    column = {"shape": 0, "color": 1, "texture": 2}
-    values = {"shape": shapes.SHAPES, "color": shapes.COLORS, "texture": shapes.TEXTURES}
     result = {}
     for concept in shapes.CONCEPTS:
-        kind = shapes.CONCEPT_KIND[concept]
-        present_n = attributes_n3[:, column[kind]] == values[kind].index(concept)
+        column, value = shapes.concept_attribute(concept)
+        present_n = attributes_n3[:, column] == value
         unit, score = best_unit_auroc(features_nu.numpy(), present_n)
         result[concept] = {"unit": unit, "auroc": round(score, 4)}
     return result

@@ -197,6 +197,17 @@ def _shape_polygon(name: str, cx: float, cy: float, r: float, angle: float) -> l
     return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in base]
 
 
+def concept_attribute(concept: str) -> tuple[int, int]:
+    """(column, value) of a concept in an image's (shape, colour, texture) attribute indices: an
+    image shows ``concept`` when ``attributes[column] == value``. Raises ValueError for a word that
+    is not a concept of the world."""
+    if concept not in CONCEPT_KIND:
+        raise ValueError(f"{concept!r} is not a concept of the Shapes world; choose from {list(CONCEPTS)}")
+    kind = CONCEPT_KIND[concept]
+    column, values = {"shape": (0, SHAPES), "color": (1, COLORS), "texture": (2, TEXTURES)}[kind]
+    return column, values.index(concept)
+
+
 def sample_attributes(cfg: WorldConfig, split: str, index: int) -> tuple[int, int, int]:
     """(shape, colour, texture) indices of image ``index`` of ``split``, without rendering it (they
     are the first draws of the image's generator, so this equals ``render(...)``'s attributes).
